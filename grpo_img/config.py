@@ -1,0 +1,162 @@
+"""Run configuration: one flat dataclass, YAML file plus `--key value` overrides, unknown keys rejected.
+
+Names follow TRL's `GRPOConfig` / `TrainingArguments` where the concept is the same (num_generations, beta,
+epsilon, epsilon_high, loss_type, scale_rewards, num_iterations, steps_per_generation, temperature, top_k, top_p,
+max_grad_norm, learning_rate, per_device_train_batch_size, gradient_accumulation_steps, max_steps, save_steps, ...).
+One difference, stated: a *step* here is one rollout batch and the updates made from it. With the defaults
+(steps_per_generation = gradient_accumulation_steps, num_iterations = 1) that is exactly one optimizer update, as
+in TRL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from grpo_img.loss import LOSS_TYPES, SCALE_REWARDS
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_tiny.yaml"
+
+
+@dataclass
+class GRPOImgConfig:
+    # -- what to train on -------------------------------------------------------------------------------------
+    policy: str = "janus"
+    policy_options: dict = field(default_factory=dict)  # passed to policies.build(policy, **policy_options)
+    rewards: list = field(default_factory=lambda: [{"name": "color"}])  # [{name, weight, **options}]
+    prompts: typing.Any = None  # a list, a .txt / .jsonl path, or "hf:NAME[:SPLIT]" for a datasets dataset
+    prompt_column: str = "prompt"
+
+    # -- sampling (identical in rollout and scoring) -------------------------------------------------------------
+    num_generations: int = 8  # G, samples per prompt
+    cfg_scale: float = 5.0
+    cfg_mode: str = "mixture"  # "mixture": score the guided distribution sampled from; "conditional": cond only
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    # -- batch geometry (per process, in samples) ----------------------------------------------------------------
+    per_device_train_batch_size: int = 8  # samples per forward/backward
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer update
+    steps_per_generation: int | None = None  # micro-batches per rollout batch (default: gradient_accumulation_steps)
+    num_iterations: int = 1  # passes over each rollout batch
+
+    # -- GRPO loss -----------------------------------------------------------------------------------------------
+    loss_type: str = "dapo"
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    scale_rewards: str = "group"
+
+    # -- optimisation --------------------------------------------------------------------------------------------
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "constant"  # any transformers scheduler name
+    warmup_steps: int = 0
+    max_steps: int = 100
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    train_image_heads: bool = True  # image heads as peft modules_to_save, where the family has them
+    gradient_checkpointing: bool = False
+    bf16: bool | None = None  # None: bf16 autocast on GPU, fp32 on CPU
+    seed: int = 42
+
+    # -- output --------------------------------------------------------------------------------------------------
+    output_dir: str = "runs/demo"
+    logging_steps: int = 1
+    image_log_steps: int = 10  # image grid every N steps (0: never)
+    save_steps: int = 50  # checkpoint every N steps (0: only at the end)
+    save_total_limit: int = 2
+    report_to_tensorboard: bool = True
+    max_nonfinite_steps: int = 3  # stop after this many non-finite losses in a row
+    max_reward_failure_steps: int = 3  # stop after this many steps in a row where no sample could be scored
+
+    def __post_init__(self) -> None:
+        if self.steps_per_generation is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
+
+    # -- derived -------------------------------------------------------------------------------------------------
+    @property
+    def generation_batch_size(self) -> int:
+        """Samples per rollout batch, per process."""
+        return self.per_device_train_batch_size * self.steps_per_generation
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.generation_batch_size // self.num_generations
+
+    def validate(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (GRPO compares samples within a group), "
+                             f"got {self.num_generations}")
+        if self.generation_batch_size % self.num_generations:
+            raise ValueError(
+                f"per_device_train_batch_size x steps_per_generation = {self.generation_batch_size} must be a "
+                f"multiple of num_generations = {self.num_generations} (whole groups per process)")
+        if self.steps_per_generation % self.gradient_accumulation_steps:
+            raise ValueError("steps_per_generation must be a multiple of gradient_accumulation_steps")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
+        if self.cfg_mode not in ("mixture", "conditional"):
+            raise ValueError(f"cfg_mode must be 'mixture' or 'conditional', got {self.cfg_mode!r}")
+        for name in ("max_steps", "num_iterations", "per_device_train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prompts is None:
+            raise ValueError("no prompts: set `prompts` to a list, a .txt/.jsonl file or 'hf:DATASET'")
+        if not self.rewards:
+            raise ValueError("no rewards configured")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(GRPOImgConfig)}
+
+
+def _check_keys(keys, where: str) -> None:
+    for key in keys:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def _parse_value(key: str, text: str):
+    """A command-line value as YAML (numbers, booleans, lists, null), kept a string for str fields."""
+    if FIELDS[key].type in ("str", str):
+        return text
+    return yaml.safe_load(text)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> GRPOImgConfig:
+    """The demo config when `path` is None; `overrides` are raw command-line strings keyed by field name."""
+    path = Path(path) if path is not None else DEMO_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of config keys")
+    _check_keys(values, str(path))
+    overrides = overrides or {}
+    _check_keys(overrides, "command-line overrides")
+    values.update({k: _parse_value(k, v) for k, v in overrides.items()})
+    config = GRPOImgConfig(**values)
+    config.validate()
+    return config
+
+
+def save_config(config: GRPOImgConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2, default=str))

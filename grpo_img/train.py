@@ -1,0 +1,50 @@
+"""Entry point: `accelerate launch grpo_img/train.py --config configs/NAME.yaml [--key value ...] [--resume]`.
+
+With no --config it runs the tiny offline demo (configs/demo_tiny.yaml). Any config key can be overridden on the
+command line, e.g. `--output_dir runs/x --max_steps 20 --beta 0.02`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML config (default: the tiny demo)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="resume from the newest checkpoint in output_dir, or from the given checkpoint folder")
+    args, rest = parser.parse_known_args(argv)
+    overrides = {}
+    while rest:
+        key = rest.pop(0)
+        if not key.startswith("--"):
+            parser.error(f"expected --key value, got {key!r}")
+        key = key[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif rest and not rest[0].startswith("--"):
+            value = rest.pop(0)
+        else:
+            parser.error(f"--{key} needs a value")
+        overrides[key.replace("-", "_")] = value
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from grpo_img.config import load_config
+    from grpo_img.trainer import train
+
+    args, overrides = parse_args(argv)
+    try:
+        config = load_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"config error: {error}")
+    train(config, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""The GRPO recipe. `grpo_step` is the whole algorithm, top to bottom: sample, decode, reward, advantages, loss,
+update. `train` sets up the pieces chosen by the config and loops over steps. Nothing here knows which model
+family it trains: it talks to a `policies.Policy` and a `rewards.Reward`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+from trl.trainer.utils import disable_dropout_in_model
+
+import policies
+import rewards
+from grpo_img.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from grpo_img.config import GRPOImgConfig, save_config
+from grpo_img.data import PromptRecord, PromptSchedule, load_prompts
+from grpo_img.loss import LossNormalizer, group_advantages, grpo_loss
+from grpo_img.reporting import MetricsLog, image_grid, plot_reward_curve, read_metrics
+from policies.base import Policy, Rollout
+from rewards.base import Reward
+
+log = logging.getLogger("grpo_img")
+
+
+@dataclass
+class RunState:
+    """Counters that must survive a resume."""
+
+    nonfinite_in_a_row: int = 0
+    reward_failures_in_a_row: int = 0
+
+
+def grpo_step(
+    step: int,
+    policy: Policy,
+    reward_fn: Reward,
+    batch: list[PromptRecord],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    config: GRPOImgConfig,
+    accelerator: Accelerator,
+    state: RunState,
+) -> tuple[dict, Rollout, list[Image.Image], torch.Tensor]:
+    start = time.perf_counter()
+    group_size = config.num_generations
+    prompts = [record.prompt for record in batch]
+
+    # 1. Sample G token sequences per prompt, with the log-probs of the distribution sampled from.
+    generator = torch.Generator(accelerator.device).manual_seed(
+        config.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index)
+    policy.model.eval()
+    with accelerator.autocast():
+        rollout = policy.sample(prompts, group_size, cfg_scale=config.cfg_scale, temperature=config.temperature,
+                                top_k=config.top_k, top_p=config.top_p, generator=generator)
+    t_sample = time.perf_counter()
+
+    # 2. Decode to pixels.
+    images = policy.decode(rollout)
+    t_decode = time.perf_counter()
+
+    # 3. Reward. Samples that cannot be scored are NaN and leave the loss.
+    metadata = [record.metadata for record in batch for _ in range(group_size)]
+    reward_values, reward_failures = score_with_isolation(reward_fn, images, rollout.prompts, metadata)
+    scored = ~torch.isnan(reward_values)
+    state.reward_failures_in_a_row = 0 if scored.any() else state.reward_failures_in_a_row + 1
+    if state.reward_failures_in_a_row >= config.max_reward_failure_steps:
+        raise RuntimeError(f"the reward could not score any sample for {state.reward_failures_in_a_row} steps in a "
+                           "row; see the warnings above for its errors")
+    t_reward = time.perf_counter()
+
+    # 4. Group-relative advantages.
+    device = rollout.completion_ids.device
+    advantages = group_advantages(reward_values, group_size, config.scale_rewards).to(device)
+    action_mask = rollout.action_mask & scored.to(device)[:, None]
+
+    # 5. Log-probs of the policy before the update (only needed when it changes within this rollout batch) and of
+    #    the reference policy (the same model with the adapter off).
+    policy.model.train()  # dropout is disabled at set-up; train mode only turns gradient checkpointing on
+    micro = config.per_device_train_batch_size
+    updates_per_rollout = config.steps_per_generation // config.gradient_accumulation_steps
+    needs_old = config.num_iterations > 1 or updates_per_rollout > 1
+    with torch.no_grad(), accelerator.autocast():
+        old_logprobs = _score_all(policy, rollout, config.cfg_mode, micro) if needs_old else None
+        ref_logprobs = None
+        if config.beta != 0.0:
+            with policy.reference():
+                ref_logprobs = _score_all(policy, rollout, config.cfg_mode, micro)
+
+    # 6. Clipped-surrogate loss and updates: steps_per_generation micro-batches per pass, one optimizer update per
+    #    gradient_accumulation_steps micro-batches, num_iterations passes.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sums = {"loss": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0, "gap_sum": 0.0,
+            "grad_norm": 0.0}
+    updates, skipped = 0, 0
+    for _ in range(config.num_iterations):
+        for window in range(updates_per_rollout):
+            rows = [torch.arange(start_row, start_row + micro, device=device)
+                    for start_row in range(window * micro * config.gradient_accumulation_steps,
+                                           (window + 1) * micro * config.gradient_accumulation_steps, micro)]
+            window_tokens = accelerator.reduce(action_mask[torch.cat(rows)].sum().float(), "sum").item()
+            norm = LossNormalizer(sequences=float(micro * config.gradient_accumulation_steps),
+                                  tokens=window_tokens / accelerator.num_processes,
+                                  micro_batches=config.gradient_accumulation_steps,
+                                  completion_length=rollout.completion_ids.shape[1])
+            window_loss = torch.zeros((), device=device)
+            for index in rows:
+                part = rollout.select(index)
+                mask = action_mask[index]
+                with accelerator.autocast():
+                    logprobs, entropy = policy.token_logprobs(part, config.cfg_mode, return_entropy=True)
+                logprobs = logprobs.float()
+                loss, stats = grpo_loss(
+                    logprobs, old_logprobs[index] if needs_old else logprobs.detach(), advantages[index], mask,
+                    loss_type=config.loss_type, norm=norm, epsilon=config.epsilon, epsilon_high=config.epsilon_high,
+                    beta=config.beta, ref_logprobs=ref_logprobs[index] if ref_logprobs is not None else None)
+                accelerator.backward(loss)
+                window_loss += loss.detach()
+                for key in ("kl_sum", "clipped_sum", "tokens"):
+                    sums[key] += stats[key].item()
+                sums["entropy_sum"] += (entropy * mask).sum().item()
+                sums["gap_sum"] += ((logprobs.detach() - part.logprobs).abs() * mask).sum().item()
+            finite = torch.isfinite(accelerator.reduce(window_loss, "sum")).item()
+            if finite:
+                for p in params:  # explicit gradient all-reduce: the policy calls its submodules directly
+                    if p.grad is not None and accelerator.num_processes > 1:
+                        p.grad = accelerator.reduce(p.grad, "mean")
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                finite = bool(torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+                scheduler.step()
+                updates += 1
+                sums["loss"] += window_loss.item()
+                sums["grad_norm"] += grad_norm.item()
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+
+    if skipped:
+        state.nonfinite_in_a_row += 1
+        log.warning("step %d: %d update(s) skipped because the loss or gradient was not finite (%d step(s) in a "
+                    "row)", step, skipped, state.nonfinite_in_a_row)
+        if state.nonfinite_in_a_row >= config.max_nonfinite_steps:
+            raise RuntimeError(f"non-finite loss in {state.nonfinite_in_a_row} steps in a row; stopping. Lower the "
+                               "learning rate, or check the reward values and top_k/top_p settings")
+    else:
+        state.nonfinite_in_a_row = 0
+    end = time.perf_counter()
+
+    # 7. Metrics (this process's view; rewards are per process because groups never cross processes).
+    tokens = max(sums["tokens"], 1.0)
+    finite_rewards = reward_values[scored]
+    per_prompt = {}
+    for g, prompt in enumerate(prompts):
+        group = reward_values[g * group_size:(g + 1) * group_size]
+        per_prompt[prompt] = float(torch.nanmean(group)) if (~torch.isnan(group)).any() else math.nan
+    metrics = {
+        "step": step + 1,
+        "reward_mean": float(finite_rewards.mean()) if len(finite_rewards) else math.nan,
+        "reward_std": float(finite_rewards.std()) if len(finite_rewards) > 1 else 0.0,
+        "kl": sums["kl_sum"] / tokens,
+        "loss": sums["loss"] / max(updates, 1) if updates else math.nan,
+        "entropy": sums["entropy_sum"] / tokens,
+        "clip_ratio": sums["clipped_sum"] / tokens,
+        "grad_norm": sums["grad_norm"] / max(updates, 1),
+        "learning_rate": scheduler.get_last_lr()[0],
+        # |scored - sampled| log-prob: ~0 in "mixture" mode, the off-policy gap in "conditional" mode
+        "logprob_gap": sums["gap_sum"] / tokens,
+        "zero_std_groups": float((reward_values.view(-1, group_size).nan_to_num(0).std(1) == 0).float().mean()),
+        "reward_failures": reward_failures,
+        "skipped_updates": skipped,
+        "step_seconds": end - start,
+        "sample_seconds": t_sample - start,
+        "decode_seconds": t_decode - t_sample,
+        "reward_seconds": t_reward - t_decode,
+        "update_seconds": end - t_reward,
+    }
+    for part, scores in getattr(reward_fn, "last_parts", {}).items():
+        values = torch.tensor(scores, dtype=torch.float32)
+        metrics[f"reward/{part}"] = float(torch.nanmean(values))
+    metrics["reward_per_prompt"] = per_prompt
+    return metrics, rollout, images, reward_values
+
+
+def score_with_isolation(reward_fn: Reward, images, prompts, metadata) -> tuple[torch.Tensor, int]:
+    """Rewards as a float tensor; if the batch call raises, score one by one and give failing samples NaN."""
+    try:
+        values = reward_fn(images, prompts, metadata)
+        return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32), 0
+    except Exception as batch_error:  # noqa: BLE001 - a reward model may fail in any way; we isolate it
+        log.warning("reward failed on the batch (%s: %s); scoring samples one by one",
+                    type(batch_error).__name__, batch_error)
+    values, failures = [], 0
+    for image, prompt, meta in zip(images, prompts, metadata):
+        try:
+            value = reward_fn([image], [prompt], [meta])[0]
+            values.append(math.nan if value is None else float(value))
+        except Exception as error:  # noqa: BLE001
+            failures += 1
+            values.append(math.nan)
+            log.warning("reward failed on prompt %r: %s: %s", prompt, type(error).__name__, error)
+    return torch.tensor(values, dtype=torch.float32), failures
+
+
+def _score_all(policy: Policy, rollout: Rollout, cfg_mode: str, micro_batch: int) -> torch.Tensor:
+    parts = [policy.token_logprobs(rollout.select(slice(i, i + micro_batch)), cfg_mode).float()
+             for i in range(0, len(rollout), micro_batch)]
+    return torch.cat(parts)
+
+
+def setup_policy(config: GRPOImgConfig, device: torch.device) -> Policy:
+    policy = policies.build(config.policy, **config.policy_options)
+    policy.validate_for_training()
+    policy.add_lora(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                    train_image_heads=config.train_image_heads)
+    disable_dropout_in_model(policy.model)  # dropout would make the first ratio differ from 1
+    if config.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    return policy.to(device)
+
+
+def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
+    """Run GRPO as configured; returns the output directory."""
+    use_bf16 = config.bf16 if config.bf16 is not None else torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.json")
+    torch.manual_seed(config.seed)
+
+    records = load_prompts(config.prompts, config.prompt_column)
+    schedule = PromptSchedule(records, config.prompts_per_step, config.seed, accelerator.process_index,
+                              accelerator.num_processes)
+    reward_fn = rewards.build_composite(config.rewards)
+    policy = setup_policy(config, accelerator.device)
+    params = policy.trainable_parameters()
+    log.info("policy %s: %d trainable parameters of %d", config.policy, sum(p.numel() for p in params),
+             sum(p.numel() for p in policy.model.parameters()))
+
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.weight_decay)
+    updates_per_step = config.num_iterations * config.steps_per_generation // config.gradient_accumulation_steps
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
+                              num_training_steps=config.max_steps * updates_per_step)
+    optimizer = accelerator.prepare_optimizer(optimizer)
+
+    state, start_step = RunState(), 0
+    if resume:
+        checkpoint = find_checkpoint(output_dir, resume)
+        saved = load_checkpoint(checkpoint, policy.peft_model, optimizer, scheduler)
+        start_step = saved["step"]
+        state = RunState(**saved["run_state"])
+        log.info("resumed from %s at step %d", checkpoint, start_step)
+    metrics_log = MetricsLog(output_dir, config.report_to_tensorboard, resume_step=start_step if resume else None) \
+        if accelerator.is_main_process else None
+
+    progress = tqdm(total=config.max_steps, initial=start_step, desc="GRPO", disable=not accelerator.is_main_process)
+    for step in range(start_step, config.max_steps):
+        batch = schedule.at_step(step)
+        metrics, rollout, images, reward_values = grpo_step(step, policy, reward_fn, batch, optimizer, scheduler,
+                                                            config, accelerator, state)
+        done = step + 1
+        if accelerator.is_main_process:
+            if done % config.logging_steps == 0 or done == config.max_steps:
+                metrics_log.log(metrics)
+            if config.image_log_steps and (done % config.image_log_steps == 0 or done == 1):
+                save_image_grid(output_dir, done, images, rollout, reward_values, config.num_generations)
+        if config.save_steps and done % config.save_steps == 0 and done < config.max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(output_dir, done, policy.peft_model, optimizer, scheduler,
+                                {"run_state": vars(state).copy()}, config.save_total_limit)
+        progress.update(1)
+        progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}")
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(output_dir, config.max_steps, policy.peft_model, optimizer, scheduler,
+                        {"run_state": vars(state).copy()}, config.save_total_limit)
+        policy.peft_model.save_pretrained(output_dir / "adapter")
+        metrics_log.close()
+        plot_reward_curve(read_metrics(output_dir), output_dir / "reward_curve.png")
+        log.info("done: adapter in %s, reward curve in %s", output_dir / "adapter", output_dir / "reward_curve.png")
+    return output_dir
+
+
+def save_image_grid(output_dir: Path, step: int, images, rollout: Rollout, reward_values, group_size: int) -> None:
+    captions = [f"{r:.2f}" for r in reward_values.tolist()]
+    for g in range(0, len(images), group_size):
+        captions[g] = f"{rollout.prompts[g][:14]} {captions[g]}"
+    folder = output_dir / "images"
+    folder.mkdir(exist_ok=True)
+    image_grid(images, captions, columns=group_size).save(folder / f"step_{step:06d}.png")

@@ -1,0 +1,39 @@
+"""Token-level image policies, one file per model family, built by name."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+from policies.base import Policy, Rollout, SamplingSettings
+
+# name -> "module:Class"; modules are imported on first use so that one family's heavy imports stay out of the others.
+REGISTRY: dict[str, str] = {
+    "janus": "policies.janus:JanusPolicy",
+}
+
+
+def available() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def policy_class(name: str) -> type[Policy]:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown policy {name!r}; available: {', '.join(available())}")
+    module_name, class_name = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build(name: str, **options) -> Policy:
+    """Build a registered policy: `build("janus", tiny=True)` or `build("janus", model_name_or_path=ID_OR_DIR)`."""
+    cls = policy_class(name)
+    accepted = inspect.signature(cls.build).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for policy {name!r}; accepted: {', '.join(sorted(accepted))}"
+        )
+    return cls.build(**options)
+
+
+__all__ = ["Policy", "Rollout", "SamplingSettings", "available", "build", "policy_class"]

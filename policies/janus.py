@@ -1,0 +1,257 @@
+"""Janus-Pro (`deepseek-community/Janus-Pro-1B`, `-7B`) on transformers' `JanusForConditionalGeneration`.
+
+Layout, as released: the SFT chat template ("<|User|>: {prompt}\\n\\n<|Assistant|>:", empty system prompt), then
+`<begin_of_image>`, then 576 image tokens (24x24 grid, 384 px). Image tokens are raw VQ codebook ids (16384
+codes); their logits come from `generation_head` (not the text `lm_head`), and a sampled code is fed back through
+`generation_embeddings` + `generation_aligner`.
+
+CFG as released: the unconditional row is the prompt with every token but BOS and BOI replaced by the pad token
+(the pads stay attended: that is the null condition the model was trained with), and the guided logits are
+u + s (c - u). Every image token is a free choice, so the action mask is all True.
+
+One deliberate difference from `generate`: positions come from the attention mask (`cumsum - 1`), in sampling and
+scoring alike, so left padding does not shift a prompt's positions and its samples do not depend on the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from policies.base import (
+    CfgMode,
+    Policy,
+    Rollout,
+    SamplingSettings,
+    check_cfg_mode,
+    entropy_of_logits,
+    position_ids_from_mask,
+    process_logits,
+    sample_from_logits,
+)
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|User|>: {{ message['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
+)
+
+
+class JanusPolicy(Policy):
+    name = "janus"
+    # The SigLIP tower also has q/k/v_proj: restrict LoRA to the language model with a regex.
+    lora_target_modules = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    modules_to_save = ["generation_head"]
+
+    def __init__(self, model, processor, decode_batch_size: int = 16):
+        self.model = model
+        self.processor = processor
+        self.decode_batch_size = decode_batch_size
+        tokenizer = processor.tokenizer
+        tokenizer.padding_side = "left"
+        self.bos_id = tokenizer.bos_token_id
+        self.pad_id = tokenizer.pad_token_id
+        self.boi_id = tokenizer.convert_tokens_to_ids(processor.image_start_token)
+        if None in (self.bos_id, self.pad_id, self.boi_id):
+            raise ValueError("Janus tokenizer must define BOS, pad and <begin_of_image> tokens")
+        self.num_completion_tokens = model.config.vision_config.num_image_tokens
+        self.grid = int(round(self.num_completion_tokens**0.5))
+        vq = model.config.vq_config
+        self.image_size = self.grid * 2 ** (len(vq.channel_multiplier) - 1)
+
+    # -- loading ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        model_name_or_path: str | None = None,
+        tiny: bool = False,
+        dtype: str = "float32",
+        device: str | None = None,
+        decode_batch_size: int = 16,
+        tiny_palette: list[str] | None = None,
+        seed: int = 0,
+    ) -> "JanusPolicy":
+        """Real weights by hub id or local path, or (`tiny=True`) the same architecture with random weights.
+
+        `tiny_palette` (tiny only): fit the random VQ decoder for a few seconds so that code k paints
+        `tiny_palette[k % len]` (the demo's toy world; see policies/tiny.py).
+        """
+        from transformers import JanusForConditionalGeneration, JanusProcessor
+
+        torch_dtype = getattr(torch, dtype)
+        if tiny == (model_name_or_path is not None):
+            raise ValueError("give exactly one of model_name_or_path=... or tiny=True")
+        if tiny:
+            torch.manual_seed(seed)
+            model, processor = _tiny_janus()
+            if tiny_palette:
+                from policies.tiny import fit_decoder_to_palette
+
+                vq = model.model.vqmodel
+                fit_decoder_to_palette(vq.decode, vq.parameters(), vq.config.num_embeddings,
+                                       int(model.config.vision_config.num_image_tokens**0.5), tiny_palette, seed=seed)
+            model.to(torch_dtype)
+        else:
+            model = JanusForConditionalGeneration.from_pretrained(model_name_or_path, dtype=torch_dtype)
+            processor = JanusProcessor.from_pretrained(model_name_or_path)
+        model.requires_grad_(False)
+        model.eval()
+        policy = cls(model, processor, decode_batch_size=decode_batch_size)
+        if device is not None:
+            policy.to(device)
+        return policy
+
+    def save_pretrained(self, path: str) -> None:
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+    # -- prompts ------------------------------------------------------------------------------------------------
+
+    def format_prompt(self, prompt: str) -> str:
+        """The released SFT template (via the processor's chat template) followed by <begin_of_image>."""
+        messages = [{"role": "<|User|>", "content": prompt}]
+        if getattr(self.processor, "chat_template", None):
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = f"<|User|>: {prompt}\n\n<|Assistant|>:"
+        return text + self.processor.image_start_token
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        if not prompts:
+            raise ValueError("no prompts given")
+        batch = self.processor.tokenizer([self.format_prompt(p) for p in prompts], padding=True,
+                                         return_tensors="pt")
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    def unconditional_ids(self, prompt_ids: Tensor) -> Tensor:
+        keep = (prompt_ids == self.bos_id) | (prompt_ids == self.boi_id)
+        return prompt_ids.masked_fill(~keep, self.pad_id)
+
+    # -- the AR model -------------------------------------------------------------------------------------------
+
+    def _language_model(self, embeds: Tensor, mask: Tensor, positions: Tensor, cache=None):
+        return self.model.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            use_cache=cache is not None,
+        )
+
+    def _guidance_rows(self, prompt_ids: Tensor, prompt_mask: Tensor, with_uncond: bool) -> tuple[Tensor, Tensor]:
+        if not with_uncond:
+            return prompt_ids, prompt_mask
+        return torch.cat([prompt_ids, self.unconditional_ids(prompt_ids)]), prompt_mask.repeat(2, 1)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        group_size: int,
+        *,
+        cfg_scale: float = 5.0,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        from transformers import DynamicCache
+
+        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
+        ids, mask = self.encode_prompts(prompts)
+        n = len(prompts) * group_size
+        rows_ids, rows_mask = self._guidance_rows(ids, mask, settings.uses_cfg)
+
+        # Prefill each prompt once, then share its KV cache between the group's samples.
+        cache = DynamicCache(config=self.model.config.text_config)
+        positions = position_ids_from_mask(rows_mask)
+        out = self._language_model(self.model.get_input_embeddings()(rows_ids), rows_mask, positions, cache)
+        cache.batch_repeat_interleave(group_size)
+        hidden = out.last_hidden_state[:, -1].repeat_interleave(group_size, 0)
+        attn = rows_mask.repeat_interleave(group_size, 0)
+        next_position = positions[:, -1:].repeat_interleave(group_size, 0) + 1
+
+        tokens = torch.empty(n, self.num_completion_tokens, dtype=torch.long, device=self.device)
+        logprobs = torch.empty(n, self.num_completion_tokens, dtype=torch.float32, device=self.device)
+        for t in range(self.num_completion_tokens):
+            logits = self.model.model.generation_head(hidden)
+            uncond = logits[n:] if settings.uses_cfg else None
+            tokens[:, t], logprobs[:, t] = sample_from_logits(process_logits(logits[:n], uncond, settings), generator)
+            if t + 1 == self.num_completion_tokens:
+                break
+            step_tokens = tokens[:, t : t + 1].repeat(2 if settings.uses_cfg else 1, 1)
+            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
+            out = self._language_model(self.model.prepare_embeddings_for_image_generation(step_tokens), attn,
+                                       next_position, cache)
+            hidden = out.last_hidden_state[:, -1]
+            next_position = next_position + 1
+
+        return Rollout(
+            prompts=[p for p in prompts for _ in range(group_size)],
+            group_index=torch.arange(len(prompts), device=self.device).repeat_interleave(group_size),
+            prompt_ids=ids.repeat_interleave(group_size, 0),
+            prompt_mask=mask.repeat_interleave(group_size, 0),
+            completion_ids=tokens,
+            action_mask=torch.ones_like(tokens, dtype=torch.bool),
+            logprobs=logprobs,
+            sampling=settings,
+        )
+
+    def token_logprobs(self, rollout: Rollout, cfg_mode: CfgMode = "mixture", return_entropy: bool = False):
+        check_cfg_mode(cfg_mode)
+        settings = rollout.sampling
+        with_uncond = cfg_mode == "mixture" and settings.uses_cfg
+        rows_ids, rows_mask = self._guidance_rows(rollout.prompt_ids, rollout.prompt_mask, with_uncond)
+        previous = rollout.completion_ids[:, :-1].repeat(2 if with_uncond else 1, 1)
+        embeds = torch.cat([self.model.get_input_embeddings()(rows_ids),
+                            self.model.prepare_embeddings_for_image_generation(previous)], dim=1)
+        attn = torch.cat([rows_mask, rows_mask.new_ones(previous.shape)], dim=1)
+        hidden = self._language_model(embeds, attn, position_ids_from_mask(attn)).last_hidden_state
+        # hidden state at position P-1+t predicts image token t
+        logits = self.model.model.generation_head(hidden[:, rows_ids.shape[1] - 1 :])
+        n = len(rollout)
+        processed = process_logits(logits[:n], logits[n:] if with_uncond else None, settings)
+        logprobs = torch.log_softmax(processed, -1).gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
+        if return_entropy:
+            return logprobs, entropy_of_logits(processed.detach())
+        return logprobs
+
+    @torch.no_grad()
+    def decode(self, rollout: Rollout) -> list[Image.Image]:
+        images = []
+        for chunk in rollout.completion_ids.split(self.decode_batch_size):
+            pixels = self.model.decode_image_tokens(chunk)  # [B, H, W, 3], channels-last, about [-1, 1]
+            pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+            images.extend(Image.fromarray(p) for p in pixels)
+        return images
+
+
+def _tiny_janus():
+    """A ~0.5M-parameter JanusForConditionalGeneration: 64 image tokens (8x8), 256 codes, 32 px images."""
+    from transformers import JanusConfig, JanusForConditionalGeneration, JanusImageProcessor, JanusProcessor
+
+    from policies.tiny import word_level_tokenizer
+
+    specials = ["<begin_of_image>", "<end_of_image>", "<image_placeholder>", "<|User|>:", "<|Assistant|>:"]
+    tokenizer = word_level_tokenizer(
+        specials,
+        extra_special={"boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>",
+                       "image_token": "<image_placeholder>"},
+    )
+    hidden, patches = 64, 8
+    config = JanusConfig(
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=patches * 4,
+                           patch_size=4, num_image_tokens=patches * patches, projection_dim=hidden, mlp_ratio=2,
+                           depth=1),
+        vq_config=dict(embed_dim=8, num_embeddings=256, latent_channels=32, base_channels=32,
+                       channel_multiplier=[1, 1, 1], num_res_blocks=1, projection_dim=hidden,
+                       image_token_embed_dim=hidden, num_hidden_layers=2),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"),
+    )
+    model = JanusForConditionalGeneration(config)
+    image_processor = JanusImageProcessor(size={"height": patches * 4, "width": patches * 4})
+    processor = JanusProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               chat_template=TINY_CHAT_TEMPLATE, num_image_tokens=patches * patches)
+    return model, processor

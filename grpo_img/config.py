@@ -56,6 +56,7 @@ class GRPOImgConfig:
 
     # -- optimisation --------------------------------------------------------------------------------------------
     learning_rate: float = 1e-5
+    image_heads_learning_rate: float | None = None  # for modules_to_save (image heads); None: learning_rate
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

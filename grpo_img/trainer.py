@@ -172,7 +172,7 @@ def grpo_step(
         "entropy": sums["entropy_sum"] / tokens,
         "clip_ratio": sums["clipped_sum"] / tokens,
         "grad_norm": sums["grad_norm"] / max(updates, 1),
-        "learning_rate": scheduler.get_last_lr()[0],
+        "learning_rate": scheduler.get_last_lr()[0],  # of the LoRA group
         # |scored - sampled| log-prob: ~0 in "mixture" mode, the off-policy gap in "conditional" mode
         "logprob_gap": sums["gap_sum"] / tokens,
         "zero_std_groups": float((reward_values.view(-1, group_size).nan_to_num(0).std(1) == 0).float().mean()),
@@ -195,7 +195,13 @@ def score_with_isolation(reward_fn: Reward, images, prompts, metadata) -> tuple[
     """Rewards as a float tensor; if the batch call raises, score one by one and give failing samples NaN."""
     try:
         values = reward_fn(images, prompts, metadata)
-        return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32), 0
+        scores = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
+        infinite = torch.isinf(scores)
+        if infinite.any():
+            log.warning("reward returned %d infinite value(s); those samples are treated as unscored",
+                        int(infinite.sum()))
+            scores[infinite] = math.nan
+        return scores, int(infinite.sum())
     except Exception as batch_error:  # noqa: BLE001 - a reward model may fail in any way; we isolate it
         log.warning("reward failed on the batch (%s: %s); scoring samples one by one",
                     type(batch_error).__name__, batch_error)
@@ -203,7 +209,10 @@ def score_with_isolation(reward_fn: Reward, images, prompts, metadata) -> tuple[
     for image, prompt, meta in zip(images, prompts, metadata):
         try:
             value = reward_fn([image], [prompt], [meta])[0]
-            values.append(math.nan if value is None else float(value))
+            value = math.nan if value is None else float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"non-finite reward {value}")
+            values.append(value)
         except Exception as error:  # noqa: BLE001
             failures += 1
             values.append(math.nan)
@@ -243,11 +252,13 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
                               accelerator.num_processes)
     reward_fn = rewards.build_composite(config.rewards)
     policy = setup_policy(config, accelerator.device)
-    params = policy.trainable_parameters()
-    log.info("policy %s: %d trainable parameters of %d", config.policy, sum(p.numel() for p in params),
+    named = [(n, p) for n, p in policy.model.named_parameters() if p.requires_grad]
+    log.info("policy %s: %d trainable parameters of %d", config.policy, sum(p.numel() for _, p in named),
              sum(p.numel() for p in policy.model.parameters()))
-
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+    head_lr = config.image_heads_learning_rate or config.learning_rate
+    param_groups = [{"params": [p for n, p in named if "modules_to_save" not in n], "lr": config.learning_rate},
+                    {"params": [p for n, p in named if "modules_to_save" in n], "lr": head_lr}]
+    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.weight_decay)
     updates_per_step = config.num_iterations * config.steps_per_generation // config.gradient_accumulation_steps
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
@@ -275,7 +286,9 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
                 metrics_log.log(metrics)
             if config.image_log_steps and (done % config.image_log_steps == 0 or done == 1):
                 save_image_grid(output_dir, done, images, rollout, reward_values, config.num_generations)
-        if config.save_steps and done % config.save_steps == 0 and done < config.max_steps:
+        # no checkpoint while updates are being skipped: it must not rotate out the last good one
+        if config.save_steps and done % config.save_steps == 0 and done < config.max_steps \
+                and state.nonfinite_in_a_row == 0:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_checkpoint(output_dir, done, policy.peft_model, optimizer, scheduler,

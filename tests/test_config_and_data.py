@@ -1,0 +1,102 @@
+"""Bad input gets a clear error: unknown keys and names, impossible batch geometry, missing or empty prompts."""
+
+import json
+
+import pytest
+
+import rewards
+from grpo_img.config import load_config
+from grpo_img.data import PromptSchedule, load_prompts
+from grpo_img.train import parse_args
+
+
+def test_demo_config_loads_and_overrides_apply():
+    config = load_config(None, {"max_steps": "7", "output_dir": "x/y", "beta": "0.02", "epsilon_high": "null"})
+    assert config.max_steps == 7 and config.output_dir == "x/y" and config.beta == 0.02
+    assert config.epsilon_high is None and config.policy == "janus"
+
+
+def test_unknown_config_key_is_rejected_with_a_hint(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("policy: janus\nprompts: [a red image]\nnum_generation: 4\n")
+    with pytest.raises(ValueError, match="unknown config key 'num_generation'.*did you mean 'num_generations'"):
+        load_config(path)
+    with pytest.raises(ValueError, match="unknown config key 'lerning_rate'"):
+        load_config(None, {"lerning_rate": "1"})
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config("nope.yaml")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"num_generations": "1"}, "num_generations must be >= 2"),
+    ({"num_generations": "5"}, "multiple of num_generations"),
+    ({"loss_type": "ppo"}, "loss_type must be one of"),
+    ({"scale_rewards": "yes"}, "scale_rewards must be one of"),
+    ({"cfg_mode": "both"}, "cfg_mode must be"),
+])
+def test_invalid_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+def test_command_line_parsing():
+    args, overrides = parse_args(["--config", "c.yaml", "--output_dir", "o", "--beta=0.1", "--resume"])
+    assert args.config == "c.yaml" and args.resume == "latest"
+    assert overrides == {"output_dir": "o", "beta": "0.1"}
+
+
+def test_prompt_sources(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("a red image\n\n  a blue image \n")
+    assert [r.prompt for r in load_prompts(str(txt))] == ["a red image", "a blue image"]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "a cat", "tag": "single_object", "include": [{"class": "cat"}]}) + "\n")
+    (record,) = load_prompts(str(jsonl))
+    assert record.prompt == "a cat" and record.metadata["tag"] == "single_object"
+    assert [r.prompt for r in load_prompts(["x", {"prompt": "y", "k": 1}])] == ["x", "y"]
+
+
+def test_prompt_source_from_a_datasets_dataset(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"caption": ["a red image", "a green image"], "k": [1, 2]}).save_to_disk(str(tmp_path / "d"))
+    records = load_prompts(f"hf:{tmp_path / 'd'}", prompt_column="caption")
+    assert [r.prompt for r in records] == ["a red image", "a green image"] and records[1].metadata == {"k": 2}
+
+
+def test_bad_prompt_sources(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prompt file not found"):
+        load_prompts(str(tmp_path / "missing.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="no prompts found"):
+        load_prompts(str(empty))
+    broken = tmp_path / "b.jsonl"
+    broken.write_text('{"prompt": "ok"}\n{not json\n')
+    with pytest.raises(ValueError, match="b.jsonl:2: not valid JSON"):
+        load_prompts(str(broken))
+    with pytest.raises(ValueError, match="no 'prompt' text"):
+        load_prompts([{"caption": "x"}])
+
+
+def test_prompt_schedule_is_deterministic_and_splits_ranks():
+    records = load_prompts([f"p{i}" for i in range(10)])
+    a = [r.prompt for r in PromptSchedule(records, 3, seed=1).at_step(4)]
+    assert a == [r.prompt for r in PromptSchedule(records, 3, seed=1).at_step(4)]
+    rank0 = [r.prompt for r in PromptSchedule(records, 2, 1, rank=0, world_size=2).at_step(0)]
+    rank1 = [r.prompt for r in PromptSchedule(records, 2, 1, rank=1, world_size=2).at_step(0)]
+    assert not set(rank0) & set(rank1)
+    epoch = [r.prompt for s in range(5) for r in PromptSchedule(records, 2, seed=1).at_step(s)]
+    assert sorted(epoch) == sorted(f"p{i}" for i in range(10))  # every prompt once per epoch
+
+
+def test_unknown_reward_names_and_options():
+    with pytest.raises(ValueError, match="unknown reward 'clipp'"):
+        rewards.build("clipp")
+    with pytest.raises(ValueError, match="unknown option"):
+        rewards.build("color", colours=["red"])
+    with pytest.raises(ValueError, match="unknown colour"):
+        rewards.build("color", colors=["mauve"])

@@ -1,0 +1,133 @@
+"""The contract every registered policy must satisfy (tiny random-weight models of the real architectures)."""
+
+import pytest
+import torch
+from PIL import Image
+
+import policies
+from conftest import PROMPTS
+
+
+def sample(policy, group_size=3, seed=0, **settings):
+    settings = {"cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, **settings}
+    return policy.sample(PROMPTS, group_size, generator=torch.Generator().manual_seed(seed), **settings)
+
+
+def test_rollout_shapes_and_dtypes(tiny_policy):
+    rollout = sample(tiny_policy)
+    n, t = len(PROMPTS) * 3, tiny_policy.num_completion_tokens
+    assert rollout.completion_ids.shape == (n, t) and rollout.completion_ids.dtype == torch.long
+    assert rollout.action_mask.shape == (n, t) and rollout.action_mask.dtype == torch.bool
+    assert rollout.logprobs.shape == (n, t) and rollout.logprobs.dtype == torch.float32
+    assert rollout.prompt_ids.shape[0] == n and rollout.prompt_mask.shape == rollout.prompt_ids.shape
+    assert rollout.prompts == [p for p in PROMPTS for _ in range(3)]
+    assert rollout.group_index.tolist() == [0, 0, 0, 1, 1, 1]
+    # free choices have finite, non-positive log-probs; the batch really is left-padded
+    free = rollout.logprobs[rollout.action_mask]
+    assert torch.isfinite(free).all() and (free <= 0).all()
+    assert (rollout.prompt_mask[:, 0] == 0).any() and (rollout.prompt_mask[:, -1] == 1).all()
+
+
+@pytest.mark.parametrize("cfg_scale,temperature,top_k,top_p", [
+    (1.0, 1.0, 0, 1.0), (3.0, 1.0, 0, 1.0), (5.0, 0.7, 0, 1.0), (2.0, 1.3, 0, 1.0), (3.0, 1.0, 32, 0.9),
+])
+def test_mixture_logprobs_reproduce_sampling(tiny_policy, cfg_scale, temperature, top_k, top_p):
+    rollout = sample(tiny_policy, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    with torch.no_grad():
+        scored = tiny_policy.token_logprobs(rollout, "mixture")
+    mask = rollout.action_mask
+    assert scored.shape == rollout.logprobs.shape
+    assert (scored - rollout.logprobs)[mask].abs().max().item() <= 1e-4
+
+
+def test_cfg_scale_one_is_the_conditional_distribution(tiny_policy):
+    rollout = sample(tiny_policy, cfg_scale=1.0)
+    with torch.no_grad():
+        mixture = tiny_policy.token_logprobs(rollout, "mixture")
+        conditional = tiny_policy.token_logprobs(rollout, "conditional")
+    assert torch.allclose(mixture, conditional, atol=1e-6)
+    # and with guidance the two modes really differ
+    guided = sample(tiny_policy, cfg_scale=4.0)
+    with torch.no_grad():
+        gap = (tiny_policy.token_logprobs(guided, "mixture") - tiny_policy.token_logprobs(guided, "conditional"))
+    assert gap[guided.action_mask].abs().max() > 1e-3
+
+
+def test_samples_do_not_depend_on_batch_padding(tiny_policy):
+    """A prompt scored alone (no padding) and inside a padded batch gets the same log-probs."""
+    rollout = sample(tiny_policy)
+    alone = tiny_policy.sample(PROMPTS[:1], 1, cfg_scale=3.0, generator=torch.Generator().manual_seed(5))
+    alone_in_batch = rollout.select(torch.tensor([0]))
+    alone_in_batch.completion_ids = alone.completion_ids
+    with torch.no_grad():
+        a = tiny_policy.token_logprobs(alone, "mixture")
+        b = tiny_policy.token_logprobs(alone_in_batch, "mixture")
+    assert (rollout.prompt_mask[0] == 0).any(), "the short prompt must be padded in the batch"
+    assert (a - b).abs().max() <= 1e-4
+
+
+def test_seeded_sampling_is_reproducible(tiny_policy):
+    a, b, c = sample(tiny_policy, seed=1), sample(tiny_policy, seed=1), sample(tiny_policy, seed=2)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+def test_decode_gives_images_of_the_configured_size(tiny_policy):
+    rollout = sample(tiny_policy, group_size=2)
+    images = tiny_policy.decode(rollout)
+    assert len(images) == len(rollout)
+    for image in images:
+        assert isinstance(image, Image.Image) and image.mode == "RGB"
+        assert image.size == (tiny_policy.image_size, tiny_policy.image_size)
+    assert len({im.tobytes() for im in images}) > 1, "different tokens must give different images"
+
+
+def test_only_lora_and_image_heads_receive_gradients(policy_name):
+    policy = policies.build(policy_name, tiny=True)
+    policy.add_lora(r=4, alpha=8)
+    rollout = sample(policy)
+    logprobs = policy.token_logprobs(rollout, "mixture")
+    (logprobs * rollout.action_mask).sum().backward()
+    with_grad = {n for n, p in policy.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad, "no parameter received a gradient"
+    for name in with_grad:
+        assert "lora_" in name or "modules_to_save" in name, f"{name} is frozen but got a gradient"
+    assert any("lora_" in n for n in with_grad)
+    frozen = [p for n, p in policy.model.named_parameters() if "lora_" not in n and "modules_to_save" not in n]
+    assert all(not p.requires_grad for p in frozen)
+
+
+def test_reference_is_the_base_model_and_kl_starts_at_zero(policy_name):
+    """With a fresh adapter the policy equals its reference exactly, so the k3 KL of step 0 is exactly 0."""
+    policy = policies.build(policy_name, tiny=True)
+    rollout = sample(policy)
+    with torch.no_grad():
+        before = policy.token_logprobs(rollout)
+        policy.add_lora(r=4, alpha=8)
+        with_adapter = policy.token_logprobs(rollout)
+        with policy.reference():
+            reference = policy.token_logprobs(rollout)
+    assert torch.equal(before, with_adapter) and torch.equal(before, reference)
+    delta = reference - with_adapter
+    assert (torch.exp(delta) - delta - 1).abs().max().item() == 0.0
+
+
+def test_save_and_load_round_trip(policy_name, tmp_path):
+    policy = policies.build(policy_name, tiny=True, seed=3)
+    policy.save_pretrained(str(tmp_path))
+    loaded = policies.build(policy_name, model_name_or_path=str(tmp_path))
+    rollout = sample(policy)
+    again = sample(loaded)
+    assert torch.equal(rollout.completion_ids, again.completion_ids)
+    with torch.no_grad():
+        assert torch.allclose(policy.token_logprobs(rollout), loaded.token_logprobs(rollout), atol=1e-6)
+    assert [im.tobytes() for im in policy.decode(rollout)] == [im.tobytes() for im in loaded.decode(rollout)]
+
+
+def test_build_rejects_unknown_names_and_options():
+    with pytest.raises(ValueError, match="unknown policy 'dalle'"):
+        policies.build("dalle", tiny=True)
+    with pytest.raises(ValueError, match="unknown option"):
+        policies.build("janus", tiny=True, resolution_typo=3)
+    with pytest.raises(ValueError, match="exactly one"):
+        policies.build("janus")

@@ -83,6 +83,7 @@ class GRPOImgConfig:
     max_reward_failure_steps: int = 3  # stop after this many steps in a row where no sample could be scored
 
     def __post_init__(self) -> None:
+        _coerce_numbers(self)
         if self.steps_per_generation is None:
             self.steps_per_generation = self.gradient_accumulation_steps
 
@@ -125,6 +126,18 @@ class GRPOImgConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(GRPOImgConfig)}
+
+
+def _coerce_numbers(config: GRPOImgConfig) -> None:
+    """YAML reads `1e-5` (no dot) as a string; turn such strings into the field's number type, or fail clearly."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        if not isinstance(value, str) or not any(t in kind for t in ("float", "int")):
+            continue
+        try:
+            setattr(config, f.name, float(value) if "float" in kind else int(value))
+        except ValueError:
+            raise ValueError(f"config key {f.name!r} must be a number, got {value!r}") from None
 
 
 def _check_keys(keys, where: str) -> None:

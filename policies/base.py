@@ -117,6 +117,9 @@ def process_logits(cond: Tensor, uncond: Tensor | None, settings: SamplingSettin
 def sample_from_logits(logits: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """Draw one token per row from processed logits [B, V]; returns (tokens [B], log-probs [B])."""
     logprobs = torch.log_softmax(logits, dim=-1)
+    if not torch.isfinite(logprobs.logsumexp(-1)).all():
+        raise FloatingPointError("non-finite logits while sampling: the model's weights or activations hold NaN/inf "
+                                 "(diverged training, or an fp16 overflow)")
     tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 

@@ -16,6 +16,15 @@ def test_demo_config_loads_and_overrides_apply():
     assert config.epsilon_high is None and config.policy == "janus"
 
 
+def test_numbers_written_without_a_dot_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("prompts: [a red image]\nlearning_rate: 1e-5\nbeta: 4e-2\n")
+    config = load_config(path, {"image_heads_learning_rate": "1e-3"})
+    assert (config.learning_rate, config.beta, config.image_heads_learning_rate) == (1e-5, 0.04, 1e-3)
+    with pytest.raises(ValueError, match="'max_steps' must be a number, got 'many'"):
+        load_config(path, {"max_steps": "many"})
+
+
 def test_unknown_config_key_is_rejected_with_a_hint(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("policy: janus\nprompts: [a red image]\nnum_generation: 4\n")

@@ -113,15 +113,26 @@ class Failing(Reward):
         return [0.5]
 
 
-def test_nonfinite_loss_skips_steps_then_stops(tmp_path, caplog):
-    """An absurd learning rate overflows the weights; the non-finite loss is skipped, then the run stops, and the
-    checkpoint written before the blow-up stays on disk."""
-    config = demo_config(tmp_path, max_steps=10, save_steps=1, save_total_limit=1, learning_rate=1e30,
-                         image_heads_learning_rate=1e30, max_nonfinite_steps=3)
+class Huge(Reward):
+    """Finite rewards on an absurd scale: with scale_rewards=none the loss overflows to inf."""
+
+    def __call__(self, images, prompts, metadata):
+        return [3e38 if i % 2 else -3e38 for i in range(len(images))]
+
+
+def test_nonfinite_loss_skips_steps_then_stops(tmp_path, monkeypatch, caplog):
+    import rewards
+
+    monkeypatch.setitem(rewards.REGISTRY, "huge", f"{__name__}:Huge")
+    config = demo_config(tmp_path, max_steps=3, save_steps=1, rewards='[{"name": "color"}]')
+    train(config)  # a good run to resume from
+    config = demo_config(tmp_path, max_steps=10, save_steps=1, save_total_limit=5, scale_rewards="none",
+                         rewards='[{"name": "huge"}]', max_nonfinite_steps=3)
     with pytest.raises(RuntimeError, match="non-finite loss in 3 steps in a row"):
-        train(config)
+        train(config, resume=True)
     assert "skipped because the loss or gradient was not finite" in caplog.text
-    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-1"]
+    # no checkpoint was written over the skipped steps; the good ones stay
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
 
 
 def test_infinite_rewards_are_unscored_not_trained_on(tmp_path, monkeypatch, caplog):

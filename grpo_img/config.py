@@ -116,6 +116,15 @@ class GRPOImgConfig:
         for name in ("max_steps", "num_iterations", "per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        import policies
+        import rewards
+
+        if self.policy not in policies.available():
+            raise ValueError(f"unknown policy {self.policy!r}; available: {', '.join(policies.available())}")
+        for entry in self.rewards:
+            if not isinstance(entry, dict) or entry.get("name") not in rewards.available():
+                raise ValueError(f"unknown reward entry {entry!r}: each needs a 'name' among "
+                                 f"{', '.join(rewards.available())}")
         if self.prompts is None:
             raise ValueError("no prompts: set `prompts` to a list, a .txt/.jsonl file or 'hf:DATASET'")
         if not self.rewards:

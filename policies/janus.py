@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 from torch import Tensor
+from trl.trainer.utils import selective_log_softmax
 
 from policies.base import (
     CfgMode,
@@ -209,7 +210,7 @@ class JanusPolicy(Policy):
         logits = self.model.model.generation_head(hidden[:, rows_ids.shape[1] - 1 :])
         n = len(rollout)
         processed = process_logits(logits[:n], logits[n:] if with_uncond else None, settings)
-        logprobs = torch.log_softmax(processed, -1).gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
+        logprobs = selective_log_softmax(processed, rollout.completion_ids)
         if return_entropy:
             return logprobs, entropy_of_logits(processed.detach())
         return logprobs

@@ -99,6 +99,15 @@ def test_several_updates_per_rollout_and_other_loss_types_run(tmp_path):
     assert metrics[-1]["clip_ratio"] >= 0.0
 
 
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
+    plain = read_metrics(train(demo_config(tmp_path, max_steps=2, save_steps=0)))
+    checkpointed = read_metrics(train(demo_config(tmp_path, max_steps=2, save_steps=0, gradient_checkpointing=True,
+                                                  output_dir=str(tmp_path / "gc"))))
+    for a, b in zip(plain, checkpointed):
+        for key in ("reward_mean", "loss", "kl", "entropy", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+
+
 class Infinite(Reward):
     def __call__(self, images, prompts, metadata):
         return [math.inf if "red" in p else 0.5 for p in prompts]

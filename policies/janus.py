@@ -32,9 +32,10 @@ from policies.base import (
     sample_from_logits,
 )
 
+# Renders the message format of transformers' Janus docs the way the released template does for one user turn.
 TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|User|>: {{ message['content'] }}\n\n{% endfor %}"
-    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
+    "{% for message in messages %}<|User|>: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}"
+    "{{ '\\n\\n' }}{% endfor %}{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
 )
 
 
@@ -111,7 +112,7 @@ class JanusPolicy(Policy):
 
     def format_prompt(self, prompt: str) -> str:
         """The released SFT template (via the processor's chat template) followed by <begin_of_image>."""
-        messages = [{"role": "<|User|>", "content": prompt}]
+        messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
         if getattr(self.processor, "chat_template", None):
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         else:

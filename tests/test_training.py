@@ -3,6 +3,7 @@ cleanly on bad numbers."""
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -13,6 +14,9 @@ from grpo_img.config import load_config
 from grpo_img.reporting import read_metrics
 from grpo_img.trainer import train
 from rewards.base import Reward
+
+
+DEMO_TEST_STEPS = 100  # of the demo's 160: still shows the rise (about 0.36 -> 0.85), in about 25 s
 
 
 def demo_config(tmp_path, **overrides):
@@ -39,9 +43,6 @@ def test_demo_learns_each_prompt(tmp_path):
     for prompt, values in per_prompt_end.items():
         start = sum(per_prompt_start[prompt]) / len(per_prompt_start[prompt])
         assert sum(values) / len(values) > start + 0.05, f"{prompt!r} did not improve"
-
-
-DEMO_TEST_STEPS = 100
 
 
 def test_run_writes_metrics_images_curve_and_a_loadable_adapter(tmp_path):
@@ -75,8 +76,6 @@ def test_resume_continues_with_exactly_the_same_metrics(tmp_path):
     # a second run that starts from the step-3 checkpoint of the first, in a fresh directory
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
-    import shutil
-
     shutil.copytree(tmp_path / "run" / "checkpoint-3", resumed_dir / "checkpoint-3")
     (resumed_dir / "metrics.jsonl").write_text(
         "".join(json.dumps(m) + "\n" for m in uninterrupted[:3]) + json.dumps({"step": 4, "stale": True}) + "\n")

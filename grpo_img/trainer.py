@@ -252,14 +252,13 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
                               accelerator.num_processes)
     reward_fn = rewards.build_composite(config.rewards)
     policy = setup_policy(config, accelerator.device)
-    named = [(n, p) for n, p in policy.model.named_parameters() if p.requires_grad]
-    log.info("policy %s: %d trainable parameters of %d", config.policy, sum(p.numel() for _, p in named),
-             sum(p.numel() for p in policy.model.parameters()))
-    head_lr = config.image_heads_learning_rate or config.learning_rate
-    param_groups = [{"params": [p for n, p in named if "modules_to_save" not in n], "lr": config.learning_rate},
-                    {"params": [p for n, p in named if "modules_to_save" in n], "lr": head_lr}]
-    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.weight_decay)
+    adapter_params, head_params = policy.trainable_parameters()
+    log.info("policy %s: %d trainable parameters of %d", config.policy,
+             sum(p.numel() for p in adapter_params + head_params), sum(p.numel() for p in policy.model.parameters()))
+    param_groups = [{"params": adapter_params, "lr": config.learning_rate},
+                    {"params": head_params, "lr": config.image_heads_learning_rate or config.learning_rate}]
+    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]],
+                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
     updates_per_step = config.num_iterations * config.steps_per_generation // config.gradient_accumulation_steps
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=config.max_steps * updates_per_step)

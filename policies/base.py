@@ -229,8 +229,10 @@ class Policy(ABC):
         with self.peft_model.disable_adapter():
             yield
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+    def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(adapter parameters, image-head parameters trained in full), so each can get its own learning rate."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return ([p for n, p in named if "modules_to_save" not in n], [p for n, p in named if "modules_to_save" in n])
 
     def enable_gradient_checkpointing(self) -> None:
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -78,7 +78,7 @@ def checkpoint_file(spec: str) -> str:
             download_url_to_file(spec, str(target))
         return str(target)
     parts = spec.split("/")
-    if len(parts) < 3:
+    if len(parts) < 3 or spec.startswith(("/", ".", "~")) or os.path.isdir(os.path.dirname(spec)):
         raise FileNotFoundError(f"checkpoint {spec!r} is neither a local file nor 'org/repo/filename' on the hub")
     from huggingface_hub import hf_hub_download
 

@@ -1,0 +1,182 @@
+"""CLIP, PickScore, HPSv2, aesthetic and GenEval rewards end to end on tiny random-weight models.
+
+Each tiny model is saved in its release format (open_clip `local-dir` folder or a checkpoint file with a
+`state_dict` entry, transformers `save_pretrained` folders, the aesthetic head's `.pth`) and loaded back through the
+rewards' own loading code. A random model cannot show real behaviour, so the tests check numbers that must match:
+scores recomputed independently, batched equal to one by one, dtype honoured, GenEval plumbing consistent with the
+pure rules.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import rewards
+from rewards.models import open_clip_quick_gelu
+
+TINY_OPEN_CLIP = {"embed_dim": 32, "quick_gelu": True,
+                  "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+PROMPTS = ["a photo of a red car", "a dog", "two cats on a bench, in the snow"]
+
+
+def images(n=3, size=48, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size + 8 * i, 3), dtype=np.uint8)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def open_clip_dir(tmp_path_factory):
+    """A tiny open_clip model in the hub's `local-dir` layout: open_clip_config.json + safetensors."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("tiny_open_clip")
+    model = open_clip.CLIP(**TINY_OPEN_CLIP)
+    save_file(model.state_dict(), str(path / "open_clip_model.safetensors"))
+    preprocess = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
+                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP, "preprocess_cfg": preprocess}))
+    return path
+
+
+def test_quick_gelu_follows_the_released_weights(open_clip_dir):
+    assert open_clip_quick_gelu("ViT-L-14", "openai") is True  # open_clip 3.3 would build GELU without this
+    assert open_clip_quick_gelu("ViT-H-14", "laion2b_s32b_b79k") is False
+    reward = rewards.build("clip", model_name=f"local-dir:{open_clip_dir}", pretrained=None, device="cpu")
+    from open_clip.transformer import QuickGELU
+
+    assert any(isinstance(m, QuickGELU) for m in reward.model.modules())
+    with pytest.raises(ValueError, match="no pretrained tag 'opneai'"):
+        rewards.build("clip", pretrained="opneai", device="cpu")
+
+
+def test_clip_score_is_100_cos_batched_and_dtype(open_clip_dir):
+    import open_clip
+
+    reward = rewards.build("clip", model_name=f"local-dir:{open_clip_dir}", divide_by=1.0, batch_size=2,
+                           device="cpu")
+    ims = images()
+    scores = reward(ims, PROMPTS, [{}] * 3)
+
+    # Independently: the saved weights in a freshly built model, through open_clip's forward.
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{open_clip_dir}")
+    model.eval()
+    with torch.no_grad():
+        img, txt, _ = model(torch.stack([preprocess(im) for im in ims]),
+                            open_clip.get_tokenizer(f"local-dir:{open_clip_dir}")(PROMPTS))
+    expected = (100 * torch.nn.functional.cosine_similarity(img, txt)).tolist()
+    assert scores == pytest.approx(expected, abs=1e-4)
+    assert len(set(round(s, 4) for s in scores)) == 3  # the prompts and images do matter
+
+    one_by_one = [reward([im], [p], [{}])[0] for im, p in zip(ims, PROMPTS)]
+    assert one_by_one == pytest.approx(scores, abs=1e-4)
+    scaled = rewards.build("clip", model_name=f"local-dir:{open_clip_dir}", device="cpu")  # default: / 30
+    assert scaled(ims, PROMPTS, [{}] * 3) == pytest.approx([s / 30 for s in scores], abs=1e-5)
+
+    half = rewards.build("clip", model_name=f"local-dir:{open_clip_dir}", divide_by=1.0, device="cpu",
+                         dtype="bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    assert next(half.model.parameters()).device == torch.device("cpu")
+    assert half(ims, PROMPTS, [{}] * 3) == pytest.approx(scores, abs=3.0)  # bf16 over a 100x scale
+
+
+def test_hpsv2_loads_a_released_format_checkpoint(tmp_path):
+    import open_clip
+
+    (tmp_path / "tiny-hps.json").write_text(json.dumps({k: v for k, v in TINY_OPEN_CLIP.items() if k != "quick_gelu"}))
+    open_clip.add_model_config(tmp_path / "tiny-hps.json")
+    model = open_clip.create_model("tiny-hps").eval()
+    # HPS_v2*.pt layout: a torch file whose `state_dict` entry is the whole CLIP.
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "HPS_v2.1_compressed.pt")
+    reward = rewards.build("hpsv2", checkpoint=str(tmp_path / "HPS_v2.1_compressed.pt"), model_name="tiny-hps",
+                           device="cpu", batch_size=2)
+    ims = images()
+    preprocess = open_clip.create_model_and_transforms("tiny-hps")[2]
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([preprocess(im) for im in ims]), normalize=True)
+        txt = model.encode_text(open_clip.get_tokenizer("tiny-hps")(PROMPTS), normalize=True)
+    assert reward(ims, PROMPTS, [{}] * 3) == pytest.approx((img * txt).sum(-1).tolist(), abs=1e-5)
+
+    state = model.state_dict()
+    state.pop("logit_scale")
+    torch.save({"state_dict": state}, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match=r"missing \['logit_scale'\]"):
+        rewards.build("hpsv2", checkpoint=str(tmp_path / "broken.pt"), model_name="tiny-hps", device="cpu")
+    with pytest.raises(FileNotFoundError, match="neither a local file"):
+        rewards.build("hpsv2", checkpoint=str(tmp_path / "nothing.pt"), model_name="tiny-hps", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def hf_clip_dir(tmp_path_factory):
+    """A tiny transformers CLIPModel + image processor + tokenizer, saved with save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+
+    words = sorted({w for p in PROMPTS for w in p.replace(",", " ").split()})
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
+                                                           special_tokens=[("<s>", 1), ("</s>", 2)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>", padding_side="right")
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                  num_attention_heads=2)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    path = tmp_path_factory.mktemp("tiny_hf_clip")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def test_pickscore_is_logit_scale_times_cos(hf_clip_dir):
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    reward = rewards.build("pickscore", model_name_or_path=str(hf_clip_dir), processor_name_or_path=str(hf_clip_dir),
+                           device="cpu", batch_size=2)
+    ims = images()
+    scores = reward(ims, PROMPTS, [{}] * 3)
+    model = CLIPModel.from_pretrained(hf_clip_dir).eval()
+    pixels = AutoImageProcessor.from_pretrained(hf_clip_dir)(images=ims, return_tensors="pt")["pixel_values"]
+    text = AutoTokenizer.from_pretrained(hf_clip_dir)(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(pixel_values=pixels, **text).logits_per_image  # logit_scale.exp() * cos, all pairs
+    assert scores == pytest.approx((logits.diagonal() / 26).tolist(), abs=1e-5)
+    assert [reward([im], [p], [{}])[0] for im, p in zip(ims, PROMPTS)] == pytest.approx(scores, abs=1e-5)
+
+
+def test_aesthetic_head_on_normalised_clip_embedding(hf_clip_dir, tmp_path):
+    from transformers import AutoImageProcessor, CLIPModel
+
+    from rewards.aesthetic import AestheticMLP
+
+    torch.manual_seed(1)
+    head = AestheticMLP(dim=16)
+    torch.save(head.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")  # the released layout
+    reward = rewards.build("aesthetic", clip_name_or_path=str(hf_clip_dir),
+                           head=str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth"), device="cpu", batch_size=2)
+    ims = images()
+    scores = reward(ims, ["ignored"] * 3, [{}] * 3)
+
+    model = CLIPModel.from_pretrained(hf_clip_dir).eval()
+    pixels = AutoImageProcessor.from_pretrained(hf_clip_dir)(images=ims, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        emb = model(pixel_values=pixels, input_ids=torch.ones(3, 2, dtype=torch.long)).image_embeds
+        x = emb / emb.norm(dim=-1, keepdim=True)
+        for key in ("0", "2", "4", "6", "7"):  # linear layers only: the released MLP has no activations
+            x = x @ head.state_dict()[f"layers.{key}.weight"].T + head.state_dict()[f"layers.{key}.bias"]
+    assert scores == pytest.approx(x.squeeze(-1).tolist(), abs=1e-5)
+    assert len(set(round(s, 6) for s in scores)) == 3
+
+    torch.save({"fc.weight": torch.zeros(1, 16)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="missing"):
+        rewards.build("aesthetic", clip_name_or_path=str(hf_clip_dir), head=str(tmp_path / "wrong.pth"),
+                      device="cpu")

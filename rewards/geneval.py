@@ -295,6 +295,7 @@ class GenEvalReward(Reward):
                 results.append(dets)
         return results
 
+    @torch.no_grad()
     def _color_classifier(self, classname: str) -> torch.Tensor:
         """[D, 10] zero-shot weights: per colour, the renormalised mean of the 3 normalised template embeddings."""
         if classname not in self._color_classifiers:
@@ -307,8 +308,11 @@ class GenEvalReward(Reward):
         return self._color_classifiers[classname]
 
     @torch.no_grad()
-    def classify_colors(self, image: Image.Image, detections: list[Detection], classname: str) -> list[str]:
-        """GenEval's colour: the object through its mask on #999 grey, cropped to its box, CLIP zero-shot."""
+    def color_logits(self, image: Image.Image, detections: list[Detection], classname: str) -> torch.Tensor:
+        """[N, 10] GenEval colour logits: each object through its mask on #999 grey, cropped to its box, CLIP
+        zero-shot with 100 * cos."""
+        if not detections:
+            return torch.zeros(0, len(COLORS))
         image = image.convert("RGB")
         grey = Image.new("RGB", image.size, "#999")
         crops = []
@@ -318,8 +322,10 @@ class GenEvalReward(Reward):
             composite = Image.composite(image, grey, Image.fromarray(det.mask.astype(np.uint8) * 255))
             crops.append(self.clip_preprocess(composite.crop(tuple(round(v) for v in det.box))))
         features = self.clip.encode_image(torch.stack(crops).to(self.device, self.dtype), normalize=True).float()
-        logits = 100.0 * features @ self._color_classifier(classname)
-        return [COLORS[i] for i in logits.argmax(1).tolist()]
+        return 100.0 * features @ self._color_classifier(classname)
+
+    def classify_colors(self, image: Image.Image, detections: list[Detection], classname: str) -> list[str]:
+        return [COLORS[i] for i in self.color_logits(image, detections, classname).argmax(1).tolist()]
 
     def _prepare(self, image: Image.Image, metadata: dict, detections: list[Detection]) -> list[Detection]:
         """Colour the detections that the metadata's colour clauses will look at."""

@@ -180,3 +180,115 @@ def test_aesthetic_head_on_normalised_clip_embedding(hf_clip_dir, tmp_path):
     with pytest.raises(ValueError, match="missing"):
         rewards.build("aesthetic", clip_name_or_path=str(hf_clip_dir), head=str(tmp_path / "wrong.pth"),
                       device="cpu")
+
+
+def save_tiny_mask2former(path, num_labels=80):
+    """Mask2Former with a tiny Swin backbone, saved with save_pretrained next to its image processor."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+
+    backbone = SwinConfig(image_size=64, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=backbone, num_labels=num_labels, num_queries=12, hidden_dim=32,
+                               mask_feature_size=32, feature_size=32, encoder_layers=1, decoder_layers=2,
+                               num_attention_heads=2, dim_feedforward=64, encoder_feedforward_dim=64,
+                               use_pretrained_backbone=False)
+    torch.manual_seed(0)
+    Mask2FormerForUniversalSegmentation(config).save_pretrained(path)
+    Mask2FormerImageProcessor(size={"shortest_edge": 800, "longest_edge": 1333}, size_divisor=32).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mask2former_dir(tmp_path_factory):
+    return save_tiny_mask2former(tmp_path_factory.mktemp("tiny_mask2former"))
+
+
+def test_geneval_reward_end_to_end(mask2former_dir, open_clip_dir, tmp_path):
+    from grpo_img.data import load_prompts
+    from rewards.geneval import COCO_CLASSES, GenEvalOptions, mask_box, relative_position
+    from rewards.geneval_prompts import write_geneval_metadata
+
+    reward = rewards.build("geneval", detector=str(mask2former_dir), clip_model=f"local-dir:{open_clip_dir}",
+                           clip_pretrained=None, shortest_edge=64, longest_edge=96, device="cpu", batch_size=2)
+    assert reward.processor.size == {"shortest_edge": 64, "longest_edge": 96}  # the option beats the saved config
+    ims = images(4, size=40)
+    detections = reward.detect(ims)
+    for image, dets in zip(ims, detections):
+        assert len(dets) > 0
+        for d in dets:
+            assert d.label in COCO_CLASSES and 0.0 <= d.score <= 1.0
+            assert d.mask.shape == (image.height, image.width) and d.box == mask_box(d.mask)
+            assert 0 <= d.box[0] < d.box[2] <= image.width and 0 <= d.box[1] < d.box[3] <= image.height
+
+    # Prompts about what the random detector does see, so that every rule runs; GenEval metadata travels from a
+    # JSONL prompt file through the trainer's loader to the reward.
+    first = [sorted(dets, key=lambda d: -d.score)[0] for dets in detections]
+    labels = [sorted({d.label for d in dets}) for dets in detections]
+    n_first = sum(d.label == first[2].label for d in detections[2])
+    a, b = labels[3][:2]
+    records = [
+        {"tag": "single_object", "include": [{"class": first[0].label, "count": 1}], "prompt": "p0"},
+        {"tag": "colors", "include": [{"class": first[1].label, "count": 1, "color": "red"}], "prompt": "p1"},
+        {"tag": "counting", "include": [{"class": first[2].label, "count": n_first}],
+         "exclude": [{"class": first[2].label, "count": n_first + 1}], "prompt": "p2"},
+        {"tag": "position", "include": [{"class": a, "count": 1}, {"class": b, "count": 1,
+                                                                   "position": ["left of", 0]}], "prompt": "p3"},
+    ]
+    write_geneval_metadata(records, tmp_path / "geneval.jsonl")
+    loaded = load_prompts(str(tmp_path / "geneval.jsonl"))
+    metadata = [r.metadata for r in loaded]
+
+    # A random detector is never confident: at GenEval's thresholds nothing is found and nothing is correct.
+    strict = reward.evaluate(ims, metadata)
+    assert [r.correct for r in strict] == [False] * 4 and strict[0].score == 0.0
+    assert "found 0" in strict[0].reason
+
+    # With the thresholds at 0 every detection counts.
+    reward.options = GenEvalOptions(threshold=0.0, counting_threshold=0.0)
+    results = reward.evaluate(ims, metadata)
+    assert results[0].correct and results[0].score == 1.0
+    red = reward.classify_colors(ims[1], [first[1]], first[1].label) == ["red"]
+    assert results[1].correct is red and results[1].score == (1.0 if red else 0.5)
+    assert results[2].correct and results[2].score == 1.0
+    boxes = [sorted((d for d in detections[3] if d.label == c), key=lambda d: -d.score)[0].box for c in (b, a)]
+    assert results[3].correct is ("left of" in relative_position(*boxes))
+    composite = rewards.build_composite([{"name": "geneval", "detector": str(mask2former_dir),
+                                          "clip_model": f"local-dir:{open_clip_dir}", "clip_pretrained": None,
+                                          "shortest_edge": 64, "longest_edge": 96, "threshold": 0.0,
+                                          "counting_threshold": 0.0, "device": "cpu"}])
+    assert composite(ims, [r.prompt for r in loaded], metadata) == [r.score for r in results]
+    metadata[2]["include"][0]["count"] += 1
+    metadata[2]["exclude"][0]["count"] += 1
+    assert not reward.evaluate(ims[2:3], metadata[2:3])[0].correct
+
+    with pytest.raises(ValueError, match="not one of the 80 COCO classes"):
+        reward.evaluate(ims[:1], [{"tag": "single_object", "include": [{"class": "unicorn", "count": 1}]}])
+    with pytest.raises(ValueError, match="needs 'tag' and 'include'"):
+        reward(ims[:1], ["a photo"], [{}])
+
+
+def test_geneval_colour_sees_only_the_masked_object(mask2former_dir, open_clip_dir):
+    from rewards.geneval import Detection
+
+    reward = rewards.build("geneval", detector=str(mask2former_dir), clip_model=f"local-dir:{open_clip_dir}",
+                           clip_pretrained=None, shortest_edge=64, longest_edge=96, device="cpu")
+    weights = reward._color_classifier("car")
+    assert weights.shape[1] == 10 and torch.allclose(weights.norm(dim=0), torch.ones(10), atol=1e-5)
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[10:30, 5:25] = True
+    det = Detection("car", 0.99, (5.0, 10.0, 25.0, 30.0), mask=mask)
+    image = images(1, size=40)[0]
+    base = reward.color_logits(image, [det], "car")
+    outside = np.asarray(image).copy()
+    outside[~mask] = 255 - outside[~mask]
+    assert torch.allclose(reward.color_logits(Image.fromarray(outside), [det], "car"), base)
+    inside = np.asarray(image).copy()
+    inside[mask] = 255 - inside[mask]
+    assert not torch.allclose(reward.color_logits(Image.fromarray(inside), [det], "car"), base)
+
+
+def test_geneval_needs_an_80_class_detector(tmp_path, open_clip_dir):
+    save_tiny_mask2former(tmp_path / "m2f", num_labels=3)
+    with pytest.raises(ValueError, match="has 3 classes"):
+        rewards.build("geneval", detector=str(tmp_path / "m2f"), clip_model=f"local-dir:{open_clip_dir}",
+                      clip_pretrained=None, device="cpu")

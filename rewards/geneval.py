@@ -233,6 +233,18 @@ def evaluate_detections(metadata: dict, detections: list[Detection],
     return GenEvalResult(correct=correct, score=score, reason="\n".join(reasons))
 
 
+def summarize(results: list[GenEvalResult], metadata: list[dict]) -> dict[str, float]:
+    """GenEval's aggregation: per task the mean of `correct`; `overall` = unweighted mean of the task scores."""
+    if len(results) != len(metadata) or not results:
+        raise ValueError(f"need one metadata record per result; got {len(results)} and {len(metadata)}")
+    by_tag: dict[str, list[bool]] = {}
+    for result, meta in zip(results, metadata):
+        by_tag.setdefault(meta["tag"], []).append(result.correct)
+    summary = {tag: sum(v) / len(v) for tag, v in by_tag.items()}
+    summary["overall"] = sum(summary.values()) / len(summary)
+    return summary
+
+
 def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     """Tight box of a binary mask as GenEval/mmdet give it: [xmin, ymin, xmax+1, ymax+1]; None if empty."""
     ys, xs = np.nonzero(mask)
@@ -251,15 +263,20 @@ class GenEvalReward(Reward):
                  clip_model: str = "ViT-L-14", clip_pretrained: str | None = "openai",
                  shortest_edge: int = 800, longest_edge: int = 1333, threshold: float = 0.3,
                  counting_threshold: float = 0.9, max_objects: int = 16, position_threshold: float = 0.1,
-                 batch_size: int = 8, device: str | None = None, dtype: str | None = None):
+                 batch_size: int = 8, device: str | None = None, dtype: str | None = None,
+                 detector_dtype: str = "float32"):
+        """`dtype` is the colour CLIP's (default float16 on CUDA, like GenEval's fp16 autocast; float32 on CPU);
+        the detector runs in `detector_dtype`, float32 as in GenEval, because its scores meet hard thresholds."""
         from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype if dtype is not None or self.device.type != "cuda" else "float16",
+                                   self.device)
+        self.detector_dtype = resolve_dtype(detector_dtype, self.device)
         self.options = GenEvalOptions(threshold, counting_threshold, max_objects, position_threshold)
         self.processor = Mask2FormerImageProcessor.from_pretrained(
             detector, size={"shortest_edge": shortest_edge, "longest_edge": longest_edge})
-        self.detector = Mask2FormerForUniversalSegmentation.from_pretrained(detector, dtype=self.dtype)
+        self.detector = Mask2FormerForUniversalSegmentation.from_pretrained(detector, dtype=self.detector_dtype)
         self.detector = self.detector.to(self.device).eval().requires_grad_(False)
         if self.detector.config.num_labels != len(COCO_CLASSES):
             raise ValueError(f"detector {detector!r} has {self.detector.config.num_labels} classes; GenEval needs the "
@@ -276,7 +293,7 @@ class GenEvalReward(Reward):
         for start in range(0, len(images), self.batch_size):
             chunk = [im.convert("RGB") for im in images[start:start + self.batch_size]]
             inputs = self.processor(images=chunk, return_tensors="pt")
-            out = self.detector(pixel_values=inputs["pixel_values"].to(self.device, self.dtype),
+            out = self.detector(pixel_values=inputs["pixel_values"].to(self.device, self.detector_dtype),
                                 pixel_mask=inputs["pixel_mask"].to(self.device))
             out.class_queries_logits = out.class_queries_logits.float()
             out.masks_queries_logits = out.masks_queries_logits.float()

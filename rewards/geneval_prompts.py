@@ -150,3 +150,20 @@ def _check(record, where: str) -> None:
         raise ValueError(f"{where}: no 'prompt' text")
     if record["tag"] not in TAGS:
         raise ValueError(f"{where}: unknown tag {record['tag']!r}; tasks: {TAGS}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write GenEval-style prompt metadata (JSONL) for training.")
+    parser.add_argument("output", help="path of the .jsonl file to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-task", type=int, default=None,
+                        help="prompts per task (single_object at most 80); default: GenEval's 553-prompt split")
+    args = parser.parse_args()
+    counts = None
+    if args.per_task is not None:
+        counts = {t: min(args.per_task, _CAPACITY[t]) for t in TAGS}
+    out = generate_geneval_prompts(args.seed, counts)
+    write_geneval_metadata(out, args.output)
+    print(f"wrote {len(out)} prompts to {args.output}")

@@ -209,3 +209,11 @@ def test_prompt_generator_matches_geneval_split_and_templates(tmp_path):
     path.write_text(path.read_text() + '{"tag": "colors", "include": [{"class": "car"}], "prompt": "x"}\n')
     with pytest.raises(ValueError, match=r"geneval.jsonl:554: include\[0\] needs 'class' and 'count'"):
         load_geneval_metadata(path)
+
+
+def test_summary_is_the_unweighted_mean_of_task_scores():
+    from rewards.geneval import GenEvalResult, summarize
+
+    metas = [{"tag": "counting"}] * 3 + [{"tag": "colors"}]
+    results = [GenEvalResult(c, float(c), "") for c in (True, False, False, True)]
+    assert summarize(results, metas) == {"counting": 1 / 3, "colors": 1.0, "overall": 2 / 3}

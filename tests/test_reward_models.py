@@ -151,6 +151,10 @@ def test_pickscore_is_logit_scale_times_cos(hf_clip_dir):
         logits = model(pixel_values=pixels, **text).logits_per_image  # logit_scale.exp() * cos, all pairs
     assert scores == pytest.approx((logits.diagonal() / 26).tolist(), abs=1e-5)
     assert [reward([im], [p], [{}])[0] for im, p in zip(ims, PROMPTS)] == pytest.approx(scores, abs=1e-5)
+    half = rewards.build("pickscore", model_name_or_path=str(hf_clip_dir), processor_name_or_path=str(hf_clip_dir),
+                         device="cpu", dtype="bfloat16")
+    assert half.model.dtype == torch.bfloat16
+    assert half(ims, PROMPTS, [{}] * 3) == pytest.approx(scores, abs=0.05)
 
 
 def test_aesthetic_head_on_normalised_clip_embedding(hf_clip_dir, tmp_path):

@@ -346,10 +346,6 @@ class GenEvalReward(Reward):
 
     def _prepare(self, image: Image.Image, metadata: dict, detections: list[Detection]) -> list[Detection]:
         """Colour the detections that the metadata's colour clauses will look at."""
-        validate_metadata(metadata)
-        for req in metadata["include"]:
-            if req["class"] not in COCO_CLASSES:
-                raise ValueError(f"class {req['class']!r} is not one of the 80 COCO classes the detector knows")
         objects = filter_detections(detections, metadata["tag"], self.options)
         for req in metadata["include"]:
             if "color" in req:
@@ -362,8 +358,11 @@ class GenEvalReward(Reward):
     def evaluate(self, images: list[Image.Image], metadata: list[dict]) -> list[GenEvalResult]:
         if len(images) != len(metadata):
             raise ValueError(f"got {len(images)} images and {len(metadata)} metadata records")
-        for meta in metadata:
-            validate_metadata(meta)  # fail before running the detector
+        for meta in metadata:  # fail before running the detector
+            validate_metadata(meta)
+            for req in meta["include"] + meta.get("exclude", []):
+                if req["class"] not in COCO_CLASSES:
+                    raise ValueError(f"class {req['class']!r} is not one of the 80 COCO classes the detector knows")
         results = []
         for image, meta, dets in zip(images, metadata, self.detect(images)):
             results.append(evaluate_detections(meta, self._prepare(image, meta, dets), self.options))

@@ -71,10 +71,10 @@ def test_the_counting_threshold_applies_only_to_counting():
 def test_at_most_16_objects_per_class_are_kept():
     many = [det("apple", 0.5 + i / 100) for i in range(20)]
     relaxed = GenEvalOptions(counting_threshold=0.3)
-    meta = {"tag": "counting", "include": [{"class": "apple", "count": 16}], "exclude": [{"class": "apple", "count": 17}]}
+    meta = counting("apple", 16)
     assert evaluate_detections(meta, many, relaxed).correct  # 20 detected, 16 kept: the exclude (>= 17) holds
     assert not evaluate_detections(meta, many).correct  # at the real counting threshold 0.9 none is kept
-    meta = {"tag": "counting", "include": [{"class": "apple", "count": 17}], "exclude": [{"class": "apple", "count": 18}]}
+    meta = counting("apple", 17)
     capped = evaluate_detections(meta, many, relaxed)
     assert not capped.correct and "expected apple>=17, found 16" in capped.reason
     assert capped.score == pytest.approx(16 / 17)

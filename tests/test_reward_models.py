@@ -188,7 +188,8 @@ def test_aesthetic_head_on_normalised_clip_embedding(hf_clip_dir, tmp_path):
 
 def save_tiny_mask2former(path, num_labels=80):
     """Mask2Former with a tiny Swin backbone, saved with save_pretrained next to its image processor."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
+                              SwinConfig)
 
     backbone = SwinConfig(image_size=64, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
                           out_features=["stage1", "stage2", "stage3", "stage4"])

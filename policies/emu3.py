@@ -65,6 +65,9 @@ RELEASE_PROMPT_SUFFIX = " masterpiece, film grained, best quality."
 EOL_TOKEN, EOF_TOKEN = "<|extra_200|>", "<|extra_201|>"
 VQ_SPATIAL_FACTOR = 8  # Emu3Processor.downsample_ratio: pixels per token side, used to size the grid
 DEFAULT_RESOLUTION = 512  # 64x64 grid, 4163 completion tokens
+# Weight init of the tiny text model. With the default 0.02 the visual rows of a random lm_head are so short that no
+# hidden state (RMS-normed) can favour one colour's codes by more than ~0.1 nat: LoRA-only GRPO has nothing to move.
+TINY_INIT_STD = 0.2
 POLICY_SETTINGS_FILE = "emu3_policy.json"  # the prompt/size settings, written next to the weights
 TINY_RESOLUTION = 32  # 4x4 grid, 23 completion tokens (8 px images from the tiny decoder)
 RELEASE_SETTINGS = {"resolution": DEFAULT_RESOLUTION, "negative_prompt": RELEASE_NEGATIVE_PROMPT,
@@ -407,12 +410,14 @@ def _tiny_emu3():
     config = Emu3Config(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0,
+                         initializer_range=TINY_INIT_STD,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id),
         vq_config=dict(codebook_size=codes, embed_dim=4, latent_channels=4, base_channels=32, hidden_size=32,
                        channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[],
                        temporal_downsample_factor=1),
         vocabulary_map=tokenizer.get_vocab(),
+        initializer_range=TINY_INIT_STD,
     )
     model = Emu3ForConditionalGeneration(config)
     processor = Emu3Processor(image_processor=Emu3ImageProcessor(), tokenizer=tokenizer)

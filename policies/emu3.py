@@ -131,9 +131,10 @@ class Emu3Policy(Policy):
 
         self.eol_id, self.eof_id = token_id(EOL_TOKEN), token_id(EOF_TOKEN)
         self.eoi_id = token_id(tokenizer.eoi_token)
-        self.eos_id = tokenizer.eos_token_id
-        if self.eos_id is None:
-            raise ValueError("Emu3 tokenizer must define an EOS token")
+        # EOS as the model is configured (`<|extra_204|>` in the release), which is what the release's layout ends with
+        self.eos_id = model.config.text_config.eos_token_id
+        if not isinstance(self.eos_id, int):
+            raise ValueError(f"expected one EOS id in the Emu3 text config, got {self.eos_id!r}")
 
         # Visual tokens: code k is BPE id visual_start + k (checked, the restricted head relies on it).
         img2bpe = model.vocabulary_mapping.img2bpe

@@ -9,6 +9,8 @@ from rewards.base import Reward, WeightedSum
 
 REGISTRY: dict[str, str] = {
     "color": "rewards.color:ColorReward",
+    "ocr": "rewards.ocr:OCRReward",
+    "remote": "rewards.remote:RemoteReward",
 }
 
 

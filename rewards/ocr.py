@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from rewards.base import Reward
 
@@ -69,6 +69,24 @@ def ocr_score(recognised: str, target: str) -> float:
     return 1.0 - min(distance, len(tgt)) / len(tgt)
 
 
+def render_text(text: str, size: int = 256, font_size: int = 32, color: str = "black",
+                background: str = "white") -> Image.Image:
+    """`text` centred in PIL's default font, shrunk to fit the width (for tests and demos).
+
+    rapidocr read single lines at 16-32 px on a 256 px canvas reliably in our trials.
+    """
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    while True:
+        font = ImageFont.load_default(size=font_size)
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        if right - left <= size - 16 or font_size <= 8:
+            break
+        font_size -= 2
+    draw.text(((size - right + left) / 2 - left, (size - bottom + top) / 2 - top), text, fill=color, font=font)
+    return image
+
+
 class OCREngine(ABC):
     @abstractmethod
     def read(self, images: list[Image.Image]) -> list[str]:
@@ -78,10 +96,17 @@ class OCREngine(ABC):
 class RapidOCREngine(OCREngine):
     """rapidocr 3.x on onnxruntime, with the det/cls/rec models bundled in the wheel (no network)."""
 
-    def __init__(self, params: dict | None = None):
+    def __init__(self, threads: int | None = None, params: dict | None = None):
+        """`threads`: onnxruntime intra-op threads (None: one per core; 1 is faster on a shared 2-core box).
+        `params`: rapidocr config overrides, e.g. {"Det.limit_side_len": 960}."""
         from rapidocr import RapidOCR  # imported here: only this engine needs it
 
-        self.ocr = RapidOCR(params={"Global.log_level": "error", **(params or {})})
+        # No angle classifier, as Flow-GRPO (use_angle_cls=False); detection keeps rapidocr's defaults, the
+        # configuration measured in shared/notes/rewards.md §4.2.
+        config = {"Global.log_level": "error", "Global.use_cls": False}
+        if threads is not None:
+            config["EngineConfig.onnxruntime.intra_op_num_threads"] = threads
+        self.ocr = RapidOCR(params={**config, **(params or {})})
 
     def read(self, images):
         texts = []

@@ -161,5 +161,6 @@ def test_failing_reward_samples_are_isolated(tmp_path, monkeypatch, caplog):
     config = demo_config(tmp_path, max_steps=2, save_steps=0, rewards='[{"name": "failing"}]')
     metrics = read_metrics(train(config))
     assert all(m["reward_failures"] == 8 for m in metrics)  # the red group, 8 samples, each step
+    assert all(m["reward_failures/failing"] == 8 for m in metrics)  # counted per part of the composite
     assert all(m["reward_mean"] == 0.5 for m in metrics)
     assert "cannot score red" in caplog.text

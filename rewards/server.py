@@ -10,7 +10,7 @@ request bodies, so that anyone who can reach its port can run code on it): JSON 
   `{"images": [base64 PNG or JPEG bytes], "prompts": [str], "metadata": [object]}` (equal lengths).
 - 200: `{"scores": [number | null], "errors": [str | null]}`; a sample whose reward raised (or returned no
   score) has `null` and the reason, the other samples are scored (rewards.base.score_isolated).
-- 400 malformed JSON/fields/images, 411 no Content-Length, 413 body over --max-bytes, 415 not JSON, 404 unknown
+- 400 malformed JSON/fields/images (or one over 4096x4096 pixels), 411 no Content-Length, 413 body over --max-bytes, 415 not JSON, 404 unknown
   path, 500 the reward broke its contract (wrong count, non-numbers). The server keeps serving after any of them.
 - `GET /health`: `{"reward": NAME, "requests": n, "samples": n}` (counts of answered /score calls).
 Requests are handled in threads but the reward is called under a lock: reward models are rarely thread-safe.
@@ -37,6 +37,7 @@ from rewards.base import Reward, RewardContractError, score_isolated
 log = logging.getLogger("rewards.server")
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+MAX_PIXELS = 4096 * 4096
 
 
 class BadRequest(ValueError):
@@ -71,6 +72,8 @@ def decode_request(body: bytes) -> tuple[list[Image.Image], list[str], list[dict
             image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
             if image.format not in ("PNG", "JPEG"):
                 raise BadRequest(f"image {i} is {image.format}, not PNG or JPEG")
+            if image.width * image.height > MAX_PIXELS:  # a small PNG can decode to gigabytes
+                raise BadRequest(f"image {i} is {image.width}x{image.height}, over {MAX_PIXELS} pixels")
             decoded.append(image.convert("RGB"))
         except BadRequest:
             raise

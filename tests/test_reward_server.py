@@ -1,6 +1,8 @@
 """The reward server as a real process on loopback, and the "remote" reward that calls it."""
 
+import base64
 import http.client
+import io
 import json
 import math
 import os
@@ -104,6 +106,13 @@ def test_reward_raising_on_the_server_is_a_per_sample_failure(color_server):
     assert health(color_server)["reward"] == "color"
 
 
+def huge_png() -> str:
+    """A 5000x4000 bilevel PNG: 3 kB on the wire, 60 MB once decoded to RGB."""
+    buffer = io.BytesIO()
+    Image.new("1", (5000, 4000)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(color_server):
     good = {"images": [encode_image(scene(0))], "prompts": ["red"], "metadata": [{}]}
     assert post(color_server, json.dumps(good).encode())[0] == 200
@@ -112,7 +121,8 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(color_server):
               json.dumps({**good, "prompts": ["red", "blue"]}).encode(),
               json.dumps({**good, "images": ["bm90IGFuIGltYWdl"]}).encode(),  # base64 of "not an image"
               json.dumps({**good, "images": ["%%%"]}).encode(),
-              json.dumps({**good, "metadata": ["x"]}).encode()],
+              json.dumps({**good, "metadata": ["x"]}).encode(),
+              json.dumps({**good, "images": [huge_png()]}).encode()],
         413: [json.dumps({**good, "images": good["images"] * 400}).encode()],
     }
     for status, bodies in cases.items():
@@ -187,3 +197,19 @@ def test_remote_options_are_checked():
         rewards.build("remote", port=1)
     with pytest.raises(ValueError, match="image_format"):
         rewards.build("remote", image_format="gif")
+
+
+@pytest.mark.slow
+def test_ocr_served_with_options():
+    from rewards.ocr import render_text
+
+    process, port = start_server("--reward", "ocr", "--options", '{"engine_options": {"threads": 1}}')
+    try:
+        remote = rewards.build("remote", url=f"http://127.0.0.1:{port}")
+        scores = remote([render_text("HELLO"), render_text("HELLO"), render_text("HELLO")],
+                        ['a sign saying "hello"', 'a sign saying "zebra"', "no quotes"], [{}] * 3)
+        assert scores[0] == 1.0 and scores[1] < 0.5 and math.isnan(scores[2])
+        assert "no text in double quotes" in remote.last_errors[2]
+    finally:
+        process.terminate()
+        process.wait(10)

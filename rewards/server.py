@@ -10,8 +10,9 @@ request bodies, so that anyone who can reach its port can run code on it): JSON 
   `{"images": [base64 PNG or JPEG bytes], "prompts": [str], "metadata": [object]}` (equal lengths).
 - 200: `{"scores": [number | null], "errors": [str | null]}`; a sample whose reward raised (or returned no
   score) has `null` and the reason, the other samples are scored (rewards.base.score_isolated).
-- 400 malformed JSON/fields/images (or one over 4096x4096 pixels), 411 no Content-Length, 413 body over --max-bytes, 415 not JSON, 404 unknown
-  path, 500 the reward broke its contract (wrong count, non-numbers). The server keeps serving after any of them.
+- 400 malformed JSON/fields/images (or one over 4096x4096 pixels), 411 no Content-Length, 413 body over
+  --max-bytes, 415 not JSON, 404 unknown path, 500 the reward broke its contract (wrong count, non-numbers). The
+  server keeps serving after any of them.
 - `GET /health`: `{"reward": NAME, "requests": n, "samples": n}` (counts of answered /score calls).
 Requests are handled in threads but the reward is called under a lock: reward models are rarely thread-safe.
 """

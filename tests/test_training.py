@@ -173,6 +173,7 @@ def test_unreachable_reward_server_stops_the_run_after_max_reward_failure_steps(
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
     config = demo_config(tmp_path, max_steps=5, save_steps=0, max_reward_failure_steps=2,
+                         policy_options='{"tiny": true}',  # no palette fitting: nothing is learned here
                          rewards=json.dumps([{"name": "remote", "url": url, "retries": 1, "backoff": 0.01}]))
     with pytest.raises(RuntimeError, match="could not score any sample for 2 steps in a row"):
         train(config)

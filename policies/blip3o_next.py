@@ -50,6 +50,7 @@ with a reference that copies only the backbone).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -164,9 +165,10 @@ class Blip3oNextPolicy(Policy):
     name = "blip3o_next"
     # self.model is the Qwen3 backbone only (the decoder lives outside it), so plain names are safe.
     lora_target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    # lm_head is not trained in full: it is tied/217k rows wide in the release, and a peft copy of it would hide
-    # the weight slice the restricted head reads. LoRA only, as the configs say.
-    modules_to_save: list[str] = []
+    # The image head: lm_head trained in full (peft modules_to_save) when `train_image_heads` is on. Only its
+    # image-token rows are ever read, so only they get gradients. Real runs keep it off (LoRA only): a full copy of
+    # the 217k-row head costs ~3.5 GB of fp32 optimizer state.
+    modules_to_save = ["lm_head"]
 
     def __init__(
         self,
@@ -184,6 +186,7 @@ class Blip3oNextPolicy(Policy):
         decode_batch_size: int = 16,
         diffusion_name_or_path: str = DEFAULT_DIFFUSION_REPO,
         release_config: dict | None = None,
+        decode_with_reference_backbone: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -208,6 +211,7 @@ class Blip3oNextPolicy(Policy):
         self.decode_batch_size = decode_batch_size
         self.diffusion_name_or_path = diffusion_name_or_path
         self.release_config = dict(release_config or {})
+        self.decode_with_reference_backbone = decode_with_reference_backbone
         self.image_size = decoder.image_size
         self._uncond_ids: Tensor | None = None
 
@@ -223,12 +227,13 @@ class Blip3oNextPolicy(Policy):
         device: str | None = None,
         decode_batch_size: int = 16,
         restrict_to_image_tokens: bool = True,
+        decode_with_reference_backbone: bool = False,
         diffusion_guidance_scale: float | None = None,
         diffusion_steps: int | None = None,
         diffusion_shift: float | None = None,
         diffusion_name_or_path: str | None = None,
         tiny_palette: list[str] | None = None,
-        tiny_palette_steps: int = 300,
+        tiny_palette_steps: int = 80,
         seed: int = 0,
     ) -> "Blip3oNextPolicy":
         """Real weights (hub id or local folder, release layout or ours), or `tiny=True`: the same architectures
@@ -244,7 +249,8 @@ class Blip3oNextPolicy(Policy):
             raise ValueError("give exactly one of model_name_or_path=... or tiny=True")
         torch_dtype = getattr(torch, dtype)
         decoder_torch_dtype = getattr(torch, decoder_dtype) if decoder_dtype else torch_dtype
-        options = dict(restrict_to_image_tokens=restrict_to_image_tokens, decode_batch_size=decode_batch_size)
+        options = dict(restrict_to_image_tokens=restrict_to_image_tokens, decode_batch_size=decode_batch_size,
+                       decode_with_reference_backbone=decode_with_reference_backbone)
         diffusion = {k: v for k, v in (("diffusion_guidance_scale", diffusion_guidance_scale),
                                        ("diffusion_steps", diffusion_steps), ("diffusion_shift", diffusion_shift))
                      if v is not None}
@@ -459,6 +465,12 @@ class Blip3oNextPolicy(Policy):
         hidden = self._backbone(ids, attn, position_ids_from_mask(attn))
         return hidden[:, prompt_ids.shape[1] - 1 :]
 
+    def _decoder_backbone(self):
+        """The backbone whose hidden states the decoder reads: as it is now (release), or with the adapter off."""
+        if self.decode_with_reference_backbone and self.peft_model is not None:
+            return self.reference()
+        return contextlib.nullcontext()
+
     def initial_noise(self, seeds: Tensor) -> Tensor:
         """Per-row initial latents from per-row seeds, drawn on the CPU so they do not depend on the device."""
         shape = self.decoder.latent_shape
@@ -472,7 +484,8 @@ class Blip3oNextPolicy(Policy):
         images = []
         for start in range(0, len(rollout), self.decode_batch_size):
             part = rollout.select(slice(start, start + self.decode_batch_size))
-            hidden = self.decoder_hidden_states(part.prompt_ids, part.prompt_mask, part.completion_ids)
+            with self._decoder_backbone():
+                hidden = self.decoder_hidden_states(part.prompt_ids, part.prompt_mask, part.completion_ids)
             pixels = self.decoder(hidden, self.initial_noise(part.extras["decode_seed"]),
                                   self.diffusion_guidance_scale, self.diffusion_steps, self.diffusion_shift)
             pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -663,41 +676,73 @@ def _tiny_blip3o():
     return model, tokenizer, decoder, ids, {"tokens_per_image": grid * grid, "codebook_size": codes}
 
 
-def fit_decoder_to_palette(policy: Blip3oNextPolicy, colors: list[str], steps: int = 300, lr: float = 3e-3,
-                           seed: int = 0) -> float:
-    """The toy world: train connector + Sana + DC-AE (through the whole Euler/CFG loop, with fresh noise) so that
-    image token k paints `colors[k % len(colors)]` at its own place in the grid, reading the backbone's hidden
-    states as `decode` does. A random decoder paints every token grid the same muddy colour, so a colour reward
-    would be flat. Returns the final mean squared error (pixels in [-1, 1])."""
+def fit_decoder_to_palette(policy: Blip3oNextPolicy, colors: list[str], steps: int = 80, lr: float = 5e-3,
+                           seed: int = 0, batch: int = 16) -> tuple[float, float]:
+    """The toy world: fit the tiny decoder so that image token k paints `colors[k % len(colors)]` at its own place
+    in the grid. A random decoder paints every token grid the same muddy colour, so a colour reward would be flat.
+
+    Two cheap regressions instead of back-propagating through the whole CFG/Euler loop:
+    1. DC-AE: a token grid's "colour latent" (a fixed random latent vector per colour, laid out on the token grid)
+       decodes to the palette image of that grid;
+    2. connector + Sana: flow matching from noise to that latent, conditioned on the backbone's hidden states of
+       `<S0>` + the tokens (read as `decode` reads them), with the condition zeroed for 10% of the rows as BLIP3o
+       trains it, so that the decoder's CFG against the zero condition is meaningful.
+    Token grids range from uniformly random to one colour only (policies/tiny.py). Returns the two final losses.
+    """
     from policies.tiny import _training_grids
     from rewards.color import COLORS
 
     generator = torch.Generator().manual_seed(seed)
-    palette = torch.tensor([COLORS[c] for c in colors], dtype=torch.float32) / 127.5 - 1.0
-    code_color = palette[torch.arange(policy.codebook_size) % len(colors)]
-    grid = int(round(policy.num_completion_tokens ** 0.5))
-    prompt_ids, prompt_mask = policy.encode_prompts([f"a {c} image" for c in colors])
     decoder = policy.decoder
-    parameters = [p for p in decoder.parameters()]
-    for p in parameters:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(parameters, lr=lr)
-    batch, loss = 8, torch.tensor(float("nan"))
-    for _ in range(steps):
+    channels, side, _ = decoder.latent_shape
+    grid = int(round(policy.num_completion_tokens ** 0.5))
+    palette = torch.tensor([COLORS[c] for c in colors], dtype=torch.float32) / 127.5 - 1.0  # [K, 3]
+    color_latent = torch.randn(len(colors), channels, generator=generator)  # [K, C]
+    token_color = torch.arange(policy.codebook_size) % len(colors)
+    prompt_ids, prompt_mask = policy.encode_prompts([f"a {c} image" for c in colors])
+
+    def draw(batch: int) -> tuple[Tensor, Tensor, Tensor]:
         codes = _training_grids(batch, policy.num_completion_tokens, policy.codebook_size, len(colors), generator)
+        colour = token_color[codes].view(batch, grid, grid)
+        latents = nn.functional.interpolate(color_latent[colour].permute(0, 3, 1, 2), size=(side, side),
+                                            mode="nearest")
+        return codes, colour, latents
+
+    def fit(parameters: list[nn.Parameter], loss_fn, steps: int) -> float:
+        for p in parameters:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(parameters, lr=lr)
+        loss = torch.tensor(float("nan"))
+        for _ in range(steps):
+            loss = loss_fn()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        for p in parameters:
+            p.requires_grad_(False)
+            p.grad = None
+        return loss.item()
+
+    def vae_loss() -> Tensor:
+        _, colour, latents = draw(batch // 2)  # the DC-AE is the slow part, and its job is easy
+        images = decoder.vae.decode(latents / decoder.vae.config.scaling_factor, return_dict=False)[0]
+        target = nn.functional.interpolate(palette[colour].permute(0, 3, 1, 2), size=images.shape[-2:],
+                                           mode="nearest")
+        return nn.functional.mse_loss(images, target)
+
+    def flow_loss() -> Tensor:
+        codes, _, latents = draw(batch)
         rows = torch.randint(0, len(colors), (batch,), generator=generator)
         with torch.no_grad():
             hidden = policy.decoder_hidden_states(prompt_ids[rows], prompt_mask[rows], codes + policy.image_start)
-        noise = torch.randn(batch, *decoder.latent_shape, generator=generator)
-        images = decoder(hidden, noise, policy.diffusion_guidance_scale, policy.diffusion_steps,
-                         policy.diffusion_shift)
-        target = code_color[codes].view(batch, grid, grid, 3).permute(0, 3, 1, 2)
-        target = nn.functional.interpolate(target, size=images.shape[-2:], mode="nearest")
-        loss = nn.functional.mse_loss(images, target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    for p in parameters:
-        p.requires_grad_(False)
-        p.grad = None
-    return loss.item()
+        keep = (torch.rand(batch, 1, 1, generator=generator) >= 0.1).to(hidden.dtype)
+        sigma = torch.rand(batch, 1, 1, 1, generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        noisy = (1 - sigma) * latents + sigma * noise
+        velocity = decoder.sana(hidden_states=noisy, encoder_hidden_states=decoder.connector(hidden * keep),
+                                timestep=sigma.flatten() * 1000.0, return_dict=False)[0]
+        return nn.functional.mse_loss(velocity, noise - latents)
+
+    vae_error = fit(list(decoder.vae.decoder.parameters()), vae_loss, max(steps // 2, 1))
+    flow_error = fit(list(decoder.sana.parameters()) + list(decoder.connector.parameters()), flow_loss, steps)
+    return vae_error, flow_error

@@ -38,14 +38,22 @@ Deliberate differences, all stated:
 - Positions come from the attention mask (`cumsum - 1`) in sampling, scoring and decoding alike; the release's
   second (hidden-state) forward uses plain positions, which shifts left-padded rows.
 - The decoder reads the hidden states of the backbone as it is at decode time (with the LoRA adapter on), as the
-  release does with its trained model: the "environment" is the frozen connector + Sana + DC-AE.
+  release does with its trained model: the "environment" is the frozen connector + Sana + DC-AE. So the adapter
+  also moves the decoder's input along a path the policy gradient does not see;
+  `decode_with_reference_backbone=True` reads the adapter-off backbone instead, which makes the image a function
+  of the tokens alone.
+- Tiny toy world (`tiny=True, tiny_palette=[...]`, tests and demos only): a random decoder paints every token grid
+  the same colour, so `fit_decoder_to_palette` fits the tiny DC-AE, Sana and connector for a few seconds so that
+  image token k paints palette colour k % len(palette) at its place in the grid.
 
 Memory: the reference policy for KL is the same backbone with the LoRA adapter disabled, and the decoder is never
-copied. The original GRPO trainer (beta 0.001) keeps a full second copy of the whole stack as its reference model:
-backbone ~2.0B parameters (Qwen3-1.7B incl. the 217k-token embedding and untied lm_head), SANA-1.5 1.6B, DC-AE
-~0.3B, connector 10M, plus TA-Tok's SigLIP2-so400m ~0.4B, i.e. about 4.3B parameters = ~8.6 GB in bf16 that this
-policy does not hold (about 9 GB with the buffers; 100% of the decoder's 1.9B, ~3.8 GB, is saved even compared
-with a reference that copies only the backbone).
+copied. The original GRPO trainer (beta 0.001) keeps a full second copy of the whole stack as its reference model.
+From the released component sizes: Qwen3-1.7B backbone 1.4B non-embedding + 0.45B for the 217.6k-token embedding
+(151,936 Qwen + 65,536 image + 5 added tokens, x 2048; head tied as in Qwen3-1.7B) = 1.85B; SANA-1.5 1.6B; DC-AE
+(f32c32) 0.31B; connector 0.01B; TA-Tok's SigLIP2-so400m encoder 0.4B: about 4.2B parameters, 8.4 GB in bf16 (the
+hub lists the GRPO checkpoints at ~4B). This policy holds none of it twice: 8.4 GB saved against the original, and
+still the decoder's 1.92B = 3.8 GB against a reference that would copy the backbone only [figures inferred from
+the component sizes, not measured].
 """
 
 from __future__ import annotations

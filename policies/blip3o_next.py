@@ -560,7 +560,7 @@ def _decoder_configs(folder: Path, diffusion_name_or_path: str) -> tuple[dict, d
 
 
 def _load_into(module: nn.Module, state: dict[str, Tensor], what: str, allow_missing: tuple[str, ...] = ()) -> None:
-    result = module.load_state_dict(state, strict=False)
+    result = module.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in result.missing_keys if k not in allow_missing]
     if missing:
         raise KeyError(f"checkpoint is missing {len(missing)} {what} weight(s), e.g. {missing[:5]}")
@@ -573,6 +573,7 @@ def load_blip3o_next(model_name_or_path: str, *, diffusion_name_or_path: str | N
                      **policy_options) -> Blip3oNextPolicy:
     """Build the policy from a release checkpoint (or our save_pretrained output): Qwen3 backbone, connector, Sana
     and DC-AE from one state dict; field names as in the release config.json."""
+    from accelerate import init_empty_weights
     from diffusers import AutoencoderDC, SanaTransformer2DModel
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
@@ -592,12 +593,14 @@ def load_blip3o_next(model_name_or_path: str, *, diffusion_name_or_path: str | N
                                                               "transformers_version")}
     if qwen_fields.get("rope_scaling", 0) is None:  # the release writes rope_scaling = None
         del qwen_fields["rope_scaling"]
-    backbone = Qwen3ForCausalLM(Qwen3Config(**qwen_fields))
-
     sana_config, vae_config = _decoder_configs(folder, diffusion)
-    sana = SanaTransformer2DModel.from_config(sana_config)
-    vae = AutoencoderDC.from_config(vae_config)
-    connector = build_connector(backbone.config.hidden_size, sana.config.caption_channels)
+    # Parameters on the meta device (buffers stay real): no random init of ~4B parameters that the checkpoint
+    # overwrites; load_state_dict(assign=True) puts the checkpoint tensors in, and a parameter it lacks fails loudly.
+    with init_empty_weights(include_buffers=False):
+        backbone = Qwen3ForCausalLM(Qwen3Config(**qwen_fields))
+        sana = SanaTransformer2DModel.from_config(sana_config)
+        vae = AutoencoderDC.from_config(vae_config)
+        connector = build_connector(backbone.config.hidden_size, sana.config.caption_channels)
 
     state = _load_state_dict(folder)
     parts: dict[str, dict[str, Tensor]] = {"sana": {}, "vae": {}, "connector": {}, "backbone": {}}
@@ -619,6 +622,10 @@ def load_blip3o_next(model_name_or_path: str, *, diffusion_name_or_path: str | N
     _load_into(sana, parts["sana"], f"Sana transformer ({SANA_PREFIX}*)")
     _load_into(vae, parts["vae"], f"DC-AE ({VAE_PREFIX}*)")
     _load_into(connector, parts["connector"], f"diffusion connector ({CONNECTOR_PREFIX}*)")
+    for what, module in (("backbone", backbone), ("Sana", sana), ("DC-AE", vae), ("connector", connector)):
+        empty = [n for n, p in module.named_parameters() if p.is_meta]
+        if empty:
+            raise KeyError(f"checkpoint left {len(empty)} {what} parameter(s) unset, e.g. {empty[:5]}")
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))

@@ -128,6 +128,7 @@ def write_release_checkpoint(policy, folder, sana_repo, drop_key=None):
         state.pop(drop_key)
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
     config = policy.model.config.to_dict()
+    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]  # transformers 4.x field names, as released
     config.update({"architectures": ["blip3oQwenForInferenceLM"], "model_type": "blip3o_qwen", "rope_scaling": None,
                    "diffusion_name_or_path": str(sana_repo), "mm_vision_tower": "TA-Tok/ta_tok.pth",
                    **policy.ids,
@@ -172,6 +173,16 @@ def test_loader_names_what_is_missing(tiny, tmp_path, monkeypatch):
     (tmp_path / "no_sana" / "config.json").write_text(json.dumps(config))
     with pytest.raises(KeyError, match="scale_start_token_id"):
         policies.build("blip3o_next", model_name_or_path=str(tmp_path / "no_sana"))
+    # a tied head (Qwen3-1.7B ties lm_head to the embedding) may be absent from the state dict
+    write_release_checkpoint(tiny, tmp_path / "tied", tmp_path / "repo3", drop_key="lm_head.weight")
+    config = json.loads((tmp_path / "tied" / "config.json").read_text())
+    (tmp_path / "tied" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tied = policies.build("blip3o_next", model_name_or_path=str(tmp_path / "tied"))
+    assert tied.model.lm_head.weight is tied.model.model.embed_tokens.weight
+    assert torch.equal(tied.model.lm_head.weight, tiny.model.model.embed_tokens.weight)
+    write_release_checkpoint(tiny, tmp_path / "untied", tmp_path / "repo4", drop_key="lm_head.weight")
+    with pytest.raises(KeyError, match="lm_head.weight"):
+        policies.build("blip3o_next", model_name_or_path=str(tmp_path / "untied"))
     with pytest.raises(OSError, match="cannot find BLIP3o-NEXT checkpoint"):
         policies.build("blip3o_next", model_name_or_path="BLIP3o/not-a-real-checkpoint-id")
 

@@ -48,12 +48,13 @@ Deliberate differences, all stated:
 
 Memory: the reference policy for KL is the same backbone with the LoRA adapter disabled, and the decoder is never
 copied. The original GRPO trainer (beta 0.001) keeps a full second copy of the whole stack as its reference model.
-From the released component sizes: Qwen3-1.7B backbone 1.4B non-embedding + 0.45B for the 217.6k-token embedding
-(151,936 Qwen + 65,536 image + 5 added tokens, x 2048; head tied as in Qwen3-1.7B) = 1.85B; SANA-1.5 1.6B; DC-AE
-(f32c32) 0.31B; connector 0.01B; TA-Tok's SigLIP2-so400m encoder 0.4B: about 4.2B parameters, 8.4 GB in bf16 (the
-hub lists the GRPO checkpoints at ~4B). This policy holds none of it twice: 8.4 GB saved against the original, and
-still the decoder's 1.92B = 3.8 GB against a reference that would copy the backbone only [figures inferred from
-the component sizes, not measured].
+From the released component sizes (parameters counted by building the architectures on the meta
+device: a Qwen3-1.7B config with the 217,477-token vocabulary, diffusers' SanaTransformer2DModel defaults = Sana
+1600M, AutoencoderDC defaults = DC-AE f32c32): backbone 1.41B non-embedding + 0.45B embedding (head tied as in
+Qwen3-1.7B; 2.30B if untied) = 1.85B; SANA-1.5 1.60B; DC-AE 0.36B; connector 0.01B; plus TA-Tok's
+SigLIP2-so400m encoder, ~0.4B: about 4.2B parameters, 8.5 GB in bf16 (the hub lists the GRPO checkpoints at ~4B).
+This policy holds none of it twice: ~8.5 GB of weights saved against the original trainer, and still the decoder's
+1.98B = 4.0 GB against a reference that would copy the backbone only.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from policies.base import Policy, Rollout, SamplingSettings
 REGISTRY: dict[str, str] = {
     "emu3": "policies.emu3:Emu3Policy",
     "janus": "policies.janus:JanusPolicy",
+    "blip3o_next": "policies.blip3o_next:Blip3oNextPolicy",
 }
 
 

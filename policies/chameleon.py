@@ -344,6 +344,9 @@ class ChameleonPolicy(Policy):
     def to(self, device: torch.device | str) -> "ChameleonPolicy":
         self.model.to(device)
         self.decoder.to(device)
+        # the vocabulary lookups follow, so sampling does not copy them every step
+        for name in ("_image_ids", "_bpe_to_code", "_is_image", "_text_banned"):
+            setattr(self, name, getattr(self, name).to(device))
         return self
 
     # -- prompts ------------------------------------------------------------------------------------------------

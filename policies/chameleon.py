@@ -23,9 +23,10 @@ Release facts the code relies on (../shared/notes/models.md §3, §9):
   `ANOLE_HF_ID` is its transformers conversion (made with the converter of transformers PR #32013; the decoder keys
   it also carries are unknown to upstream transformers and are ignored on load), and the decoder comes from the
   original release's `tokenizer/vqgan.ckpt` (`ANOLE_VQGAN`, Chameleon's VQGAN unchanged). To convert the original
-  Meta-layout release yourself: `python -m transformers.models.chameleon.convert_chameleon_weights_to_hf
-  --input_dir <GAIR/Anole-7b-v0.1 download> --model_size 7B --output_dir <dir>`, copy `tokenizer/vqgan.ckpt` into
-  <dir>, and pass `model_name_or_path=<dir>`.
+  Meta-layout release yourself, run transformers' converter from its source tree (not shipped in the wheel):
+  `python src/transformers/models/chameleon/convert_chameleon_weights_to_hf.py --input_dir <GAIR/Anole-7b-v0.1
+  download> --model_size 7B --output_dir <dir>`, copy `tokenizer/vqgan.ckpt` into <dir>, and pass
+  `model_name_or_path=<dir>` (the converter drops decoder keys, which is why the decoder has its own file).
 - CFG as released (§9.3) mixes three contexts, l = u + s_img (i - u) + s_txt (f - i), with image-only context i
   (BOS, BOI, EOI and image tokens only) and unconditional u = [BOS, BOI]. For a text-only prompt i == u, so the
   release reduces *exactly* to l = u + s (f - u) with s = s_txt (3.0): that is what we sample and score. The

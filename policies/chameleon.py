@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 
 import torch
 from PIL import Image
@@ -199,12 +198,8 @@ def load_vqgan_decoder(decoder: VQGANDecoder, path: str) -> VQGANDecoder:
     """Load `vqgan.ckpt` (release layout) into `decoder`; missing, unexpected or mis-shaped keys raise, by name."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"VQGAN checkpoint not found: {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Lightning checkpoints may pickle hyper-parameter objects; only for a file the caller named.
-        log.warning("%s holds non-tensor pickled objects; loading it with weights_only=False", path)
-        raw = torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only: the release file loads this way (transformers' converter reads it so), and nothing else runs
+    raw = torch.load(path, map_location="cpu", weights_only=True)
     state = raw["state_dict"] if isinstance(raw, dict) and "state_dict" in raw else raw
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds no state dict (got {type(state).__name__})")

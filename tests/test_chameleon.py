@@ -275,3 +275,13 @@ def test_lora_stays_in_the_language_model():
     assert adapted and all(".layers." in n and "vqmodel" not in n for n in adapted)
     assert len(adapted) == 7 * policy.model.config.num_hidden_layers  # q, k, v, o, gate, up, down per layer
     assert not any(p.requires_grad for p in policy.decoder.parameters())
+
+
+def test_interleaved_mode_runs_through_the_trainer(tmp_path):
+    """Rows of different lengths, forced EOI and padding go through the generic GRPO step unchanged."""
+    import math
+
+    metrics = run_tiny_grpo(tmp_path, "chameleon", {"tiny": True, "mode": "interleaved", "text_tokens": 4}, steps=2,
+                            per_device_train_batch_size=8)
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    assert metrics[0]["logprob_gap"] < 1e-4 and metrics[0]["kl"] == 0.0

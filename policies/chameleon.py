@@ -233,7 +233,8 @@ class ChameleonPolicy(Policy):
     name = "chameleon"
     # Language model only: the decoder layers' projections (the VQ encoder has no *_proj Linear layers, and the
     # VQGAN decoder lives outside `model`).
-    lora_target_modules = r".*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+    lora_target_modules = (r".*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+                           r"|mlp\.(gate_proj|up_proj|down_proj))")
     # The output layer holds the image head (its image rows; Anole retrained exactly those). Only rows that are
     # scored receive gradients.
     modules_to_save = ["lm_head"]
@@ -514,7 +515,8 @@ class ChameleonPolicy(Policy):
             if return_entropy:
                 entropy[is_image] = entropy_of_logits(processed.detach())
         if is_text.any():
-            opened_before = (torch.cumsum((completion == self.boi_id).long(), 1) - (completion == self.boi_id).long()) > 0
+            is_boi = (completion == self.boi_id).long()
+            opened_before = (torch.cumsum(is_boi, 1) - is_boi) > 0  # a BOI strictly before this step
             if self.mode == "t2i":
                 opened_before = torch.ones_like(opened_before)
             step = torch.arange(steps, device=completion.device).expand(n, steps)

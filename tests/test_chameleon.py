@@ -226,6 +226,7 @@ def test_interleaved_logprobs_reproduce_sampling(interleaved):
         assert (rollout.completion_ids[text] == interleaved.boi_id).any()  # BOI itself is scored
         assert (scored - rollout.logprobs)[mask].abs().max() <= 1e-4
         assert torch.isfinite(scored[mask]).all() and (entropy[mask] >= 0).all()
+        assert (scored[~mask] == 0).all() and (rollout.logprobs[~mask] == 0).all()  # forced EOI and padding
 
 
 def test_interleaved_decode_finds_the_image_span(interleaved, caplog):

@@ -10,6 +10,7 @@ from policies.base import Policy, Rollout, SamplingSettings
 # name -> "module:Class"; modules are imported on first use so that one family's heavy imports stay out of the others.
 REGISTRY: dict[str, str] = {
     "janus": "policies.janus:JanusPolicy",
+    "seed_x": "policies.seed_x:SeedXPolicy",
 }
 
 

@@ -605,7 +605,7 @@ def _tiny_parts(overrides: dict) -> dict:
     llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128,
                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                       pad_token_id=tokenizer.pad_token_id))
+                                       pad_token_id=tokenizer.pad_token_id, initializer_range=0.2))
     config = SeedXConfig(output_resampler_dim=32, output_resampler_heads=4, detokenizer_dim=32, detokenizer_depth=1,
                          detokenizer_dim_head=8, detokenizer_heads=4, prompt_dim_1=8, prompt_dim_2=16,
                          num_inference_steps=2, image_size=16, **overrides)

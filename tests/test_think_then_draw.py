@@ -139,9 +139,10 @@ def test_grpo_on_a_plan_reward_rises_for_seed_x(tmp_path, monkeypatch):
 
 
 def test_janus_trains_plan_and_image_through_the_trainer(tmp_path):
-    metrics = run_tiny_grpo(tmp_path, "janus", {"tiny": True, "tiny_palette": ["red", "green", "blue"]}, 2,
-                            plan="true", plan_max_tokens="4", plan_temperature="1.2", image_log_steps="1")
+    metrics = run_tiny_grpo(tmp_path, "janus", {"tiny": True}, 2, prompts=["a red image"],
+                            per_device_train_batch_size="8", plan="true", plan_max_tokens="4",
+                            plan_temperature="1.2", image_log_steps="1")
     assert all(m["loss"] == m["loss"] for m in metrics) and metrics[0]["logprob_gap"] < 1e-4
     assert metrics[0]["kl"] == 0.0
     logged = [json.loads(line) for line in (tmp_path / "run" / "plans.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in logged] == [1] * 24 + [2] * 24
+    assert [entry["step"] for entry in logged] == [1] * 8 + [2] * 8

@@ -35,12 +35,11 @@ import torch
 from torch import Tensor
 from trl.trainer.utils import selective_log_softmax
 
-from policies.base import Rollout, SamplingSettings, entropy_of_logits, position_ids_from_mask, process_logits
-from policies.base import sample_from_logits
+from policies.base import (Rollout, SamplingSettings, entropy_of_logits, position_ids_from_mask, process_logits,
+                           sample_from_logits)
 
-DEFAULT_INSTRUCTION = (
-    "{prompt}"
-)
+# The bare prompt: the family's template around it asks for the plan. Configs set a T2I-R1-style request instead.
+DEFAULT_INSTRUCTION = "{prompt}"
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,8 @@ class SeedXConfig:
 
 
 def sincos_2d(dim: int, grid: int) -> Tensor:
-    """Fixed 2-D sin-cos positions [grid*grid, dim] (MAE layout: first half encodes the row... as Qwen-VL)."""
+    """Fixed 2-D sin-cos positions [grid*grid, dim]: first half the column index, second the row (MAE / Qwen-VL
+    layout). Only an initial value: the released state dict carries them as `pos_embed`."""
 
     def one_d(d: int, pos: np.ndarray) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))

@@ -11,9 +11,16 @@ u + s (c - u). Every image token is a free choice, so the action mask is all Tru
 
 One deliberate difference from `generate`: positions come from the attention mask (`cumsum - 1`), in sampling and
 scoring alike, so left padding does not shift a prompt's positions and its samples do not depend on the batch.
+
+Speed option (`build(..., static_cache=True, compile_decode=True)`): the decode loop runs on a preallocated
+`StaticCache` and, on CUDA, a `torch.compile(mode="reduce-overhead")` (CUDA-graph) decode step, so that a step
+costs its memory traffic rather than Python overhead. It samples the same distribution as the default path
+(`_sample_static`; tested on CPU without compile). Compile is skipped on CPU, where it does not pay.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from PIL import Image
@@ -44,6 +51,8 @@ class JanusPolicy(Policy):
     # The SigLIP tower also has q/k/v_proj: restrict LoRA to the language model with a regex.
     lora_target_modules = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     modules_to_save = ["generation_head"]
+    static_cache = False  # decode on a StaticCache (see _sample_static)
+    compile_decode = False  # and, on CUDA, through a CUDA-graph compiled step
 
     def __init__(self, model, processor, decode_batch_size: int = 16):
         self.model = model
@@ -73,11 +82,14 @@ class JanusPolicy(Policy):
         decode_batch_size: int = 16,
         tiny_palette: list[str] | None = None,
         seed: int = 0,
+        static_cache: bool = False,
+        compile_decode: bool = False,
     ) -> "JanusPolicy":
         """Real weights by hub id or local path, or (`tiny=True`) the same architecture with random weights.
 
         `tiny_palette` (tiny only): fit the random VQ decoder for a few seconds so that code k paints
         `tiny_palette[k % len]` (the demo's toy world; see policies/tiny.py).
+        `static_cache` / `compile_decode`: the fast decode loop of `_sample_static` (compile implies static).
         """
         from transformers import JanusForConditionalGeneration, JanusProcessor
 
@@ -100,6 +112,7 @@ class JanusPolicy(Policy):
         model.requires_grad_(False)
         model.eval()
         policy = cls(model, processor, decode_batch_size=decode_batch_size)
+        policy.static_cache, policy.compile_decode = static_cache or compile_decode, compile_decode
         if device is not None:
             policy.to(device)
         return policy
@@ -158,6 +171,8 @@ class JanusPolicy(Policy):
         from transformers import DynamicCache
 
         settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
+        if self.static_cache:
+            return _sample_static(self, prompts, group_size, settings, generator)
         ids, mask = self.encode_prompts(prompts)
         n = len(prompts) * group_size
         rows_ids, rows_mask = self._guidance_rows(ids, mask, settings.uses_cfg)
@@ -224,6 +239,91 @@ class JanusPolicy(Policy):
             pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
             images.extend(Image.fromarray(p) for p in pixels)
         return images
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fast decode loop: static KV cache, optionally a CUDA-graph compiled step. Kept apart from `JanusPolicy.sample` on
+# purpose; it must sample exactly what `sample` samples (tests/test_benchmarks.py compares them token for token).
+
+log = logging.getLogger(__name__)
+
+
+def _decode_step(policy: JanusPolicy, step_tokens: Tensor, attn: Tensor, positions: Tensor, cache) -> Tensor:
+    """One image token for every row: embed the previous codes, run the LM one position, image-head logits."""
+    embeds = policy.model.prepare_embeddings_for_image_generation(step_tokens)
+    hidden = policy._language_model(embeds, attn, positions, cache).last_hidden_state[:, -1]
+    return policy.model.model.generation_head(hidden)
+
+
+def _decode_step_fn(policy: JanusPolicy):
+    if not policy.compile_decode:
+        return _decode_step
+    if policy.device.type != "cuda":
+        if not getattr(policy, "_warned_compile", False):
+            log.warning("compile_decode needs CUDA; decoding eagerly on %s (static cache kept)", policy.device)
+            policy._warned_compile = True
+        return _decode_step
+    if getattr(policy, "_compiled_step", None) is None:
+        # reduce-overhead = CUDA graphs: shapes are fixed by the static cache and the full-length mask.
+        policy._compiled_step = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=False)
+    return policy._compiled_step
+
+
+@torch.no_grad()
+def _sample_static(policy: JanusPolicy, prompts: list[str], group_size: int, settings: SamplingSettings,
+                   generator: torch.Generator | None) -> Rollout:
+    """`JanusPolicy.sample` on a StaticCache: prefill once per prompt (dynamic cache), repeat it for the group into
+    a preallocated [rows, heads, P + T, d] cache, then decode with fixed shapes (full-length attention mask updated
+    in place), which is what lets a compiled step be replayed as one CUDA graph."""
+    from transformers import DynamicCache, StaticCache
+
+    ids, mask = policy.encode_prompts(prompts)
+    n, num_tokens = len(prompts) * group_size, policy.num_completion_tokens
+    rows_ids, rows_mask = policy._guidance_rows(ids, mask, settings.uses_cfg)
+    prompt_len = rows_ids.shape[1]
+
+    prefill = DynamicCache(config=policy.model.config.text_config)
+    positions = position_ids_from_mask(rows_mask)
+    out = policy._language_model(policy.model.get_input_embeddings()(rows_ids), rows_mask, positions, prefill)
+    prefill.batch_repeat_interleave(group_size)
+    cache = StaticCache(config=policy.model.config.text_config, max_cache_len=prompt_len + num_tokens)
+    for static_layer, layer in zip(cache.layers, prefill.layers):
+        static_layer.lazy_initialization(layer.keys, layer.values)
+        static_layer.keys[:, :, :prompt_len] = layer.keys
+        static_layer.values[:, :, :prompt_len] = layer.values
+        static_layer.cumulative_length.fill_(prompt_len)
+    del prefill
+
+    hidden = out.last_hidden_state[:, -1].repeat_interleave(group_size, 0)
+    logits = policy.model.model.generation_head(hidden)
+    rows = hidden.shape[0]
+    attn = torch.zeros(rows, prompt_len + num_tokens, dtype=rows_mask.dtype, device=policy.device)
+    attn[:, :prompt_len] = rows_mask.repeat_interleave(group_size, 0)
+    next_position = positions[:, -1:].repeat_interleave(group_size, 0) + 1
+    step = _decode_step_fn(policy)
+
+    tokens = torch.empty(n, num_tokens, dtype=torch.long, device=policy.device)
+    logprobs = torch.empty(n, num_tokens, dtype=torch.float32, device=policy.device)
+    for t in range(num_tokens):
+        uncond = logits[n:] if settings.uses_cfg else None
+        tokens[:, t], logprobs[:, t] = sample_from_logits(process_logits(logits[:n], uncond, settings), generator)
+        if t + 1 == num_tokens:
+            break
+        step_tokens = tokens[:, t : t + 1].repeat(2 if settings.uses_cfg else 1, 1)
+        attn[:, prompt_len + t] = 1
+        # clone: a CUDA-graph replay overwrites its output buffer on the next call
+        logits = step(policy, step_tokens, attn, next_position, cache).clone()
+        next_position = next_position + 1
+
+    return Rollout(
+        prompts=[p for p in prompts for _ in range(group_size)],
+        group_index=torch.arange(len(prompts), device=policy.device).repeat_interleave(group_size),
+        prompt_ids=ids.repeat_interleave(group_size, 0),
+        prompt_mask=mask.repeat_interleave(group_size, 0),
+        completion_ids=tokens,
+        action_mask=torch.ones_like(tokens, dtype=torch.bool),
+        logprobs=logprobs,
+        sampling=settings,
+    )
 
 
 def _tiny_janus():

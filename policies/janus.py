@@ -268,13 +268,27 @@ def _decode_step_fn(policy: JanusPolicy):
     return policy._compiled_step
 
 
+def _reusable_static_cache(policy: JanusPolicy, like: Tensor, max_cache_len: int):
+    """One StaticCache per (rows, length, dtype), kept on the policy: its tensors are the static addresses a
+    captured CUDA graph reads, so a new cache per rollout would force a new capture (and recompiles)."""
+    from transformers import StaticCache
+
+    key = (like.shape[0], max_cache_len, like.dtype, like.device)
+    if getattr(policy, "_static_cache_key", None) != key:
+        policy._static_cache = StaticCache(config=policy.model.config.text_config, max_cache_len=max_cache_len)
+        policy._static_cache_key = key
+    else:
+        policy._static_cache.reset()  # zeros the tensors in place and rewinds the length
+    return policy._static_cache
+
+
 @torch.no_grad()
 def _sample_static(policy: JanusPolicy, prompts: list[str], group_size: int, settings: SamplingSettings,
                    generator: torch.Generator | None) -> Rollout:
     """`JanusPolicy.sample` on a StaticCache: prefill once per prompt (dynamic cache), repeat it for the group into
     a preallocated [rows, heads, P + T, d] cache, then decode with fixed shapes (full-length attention mask updated
     in place), which is what lets a compiled step be replayed as one CUDA graph."""
-    from transformers import DynamicCache, StaticCache
+    from transformers import DynamicCache
 
     ids, mask = policy.encode_prompts(prompts)
     n, num_tokens = len(prompts) * group_size, policy.num_completion_tokens
@@ -285,9 +299,10 @@ def _sample_static(policy: JanusPolicy, prompts: list[str], group_size: int, set
     positions = position_ids_from_mask(rows_mask)
     out = policy._language_model(policy.model.get_input_embeddings()(rows_ids), rows_mask, positions, prefill)
     prefill.batch_repeat_interleave(group_size)
-    cache = StaticCache(config=policy.model.config.text_config, max_cache_len=prompt_len + num_tokens)
+    cache = _reusable_static_cache(policy, prefill.layers[0].keys, prompt_len + num_tokens)
     for static_layer, layer in zip(cache.layers, prefill.layers):
-        static_layer.lazy_initialization(layer.keys, layer.values)
+        if not static_layer.is_initialized:
+            static_layer.lazy_initialization(layer.keys, layer.values)
         static_layer.keys[:, :, :prompt_len] = layer.keys
         static_layer.values[:, :, :prompt_len] = layer.values
         static_layer.cumulative_length.fill_(prompt_len)

@@ -181,20 +181,31 @@ class PeakMemory:
             self.peak_bytes = max(self._max, _rss()) - self._start
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, object]:
-    """Median wall time of `fn` over `repeats` runs after `warmup` runs; returns (seconds, last result)."""
-    result = None
-    for _ in range(warmup):
-        result = fn()
-    times = []
+def clock(device: torch.device) -> Callable[[], float]:
+    """Wall time on CUDA. On CPU, this process's CPU time: the benchmark machines are shared, and other processes'
+    load inflates wall time but not the CPU time a single-threaded run uses (run with OMP_NUM_THREADS=1)."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
+def timed_interleaved(methods: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                      warmup: int = 1) -> dict[str, tuple[float, object, int]]:
+    """Median seconds of each method over `repeats` rounds, the methods taking turns within a round so that load
+    changes hit them alike; returns name -> (seconds, last result, peak bytes of its warm-up run)."""
+    now = clock(device)
+    peaks, results, times = {}, {}, {name: [] for name in methods}
+    for name, fn in methods.items():
+        with PeakMemory(device) as memory:
+            for _ in range(warmup):
+                results[name] = fn()
+        peaks[name] = memory.peak_bytes
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2], result
+        for name, fn in methods.items():
+            sync(device)
+            start = now()
+            results[name] = fn()
+            sync(device)
+            times[name].append(now() - start)
+    return {name: (sorted(t)[len(t) // 2], results[name], peaks[name]) for name, t in times.items()}
 
 
 def measure_bandwidth(device: torch.device, megabytes: int | None = None, repeats: int = 10) -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,7 +36,8 @@ from benchmarks.common import (
     machine_name,
     measure_bandwidth,
     param_bytes,
-    timed,
+    clock,
+    timed_interleaved,
 )
 from policies.base import Policy, Rollout, SamplingSettings
 
@@ -229,18 +231,18 @@ def main(argv: list[str] | None = None) -> dict:
           f"params={sum(p.numel() for p in policy.model.parameters()) / 1e6:.1f}M")
     print(f"decode step reads {step_bytes / 2**20:.1f} MiB (weights + mean KV cache); "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"timing: median of {args.repeats} interleaved runs after a warm-up, "
+          f"{'wall' if clock(device) is time.perf_counter else 'process CPU'} seconds; peak memory of the warm-up")
     print(f"{'method':<28}{'seconds':>10}{'images/s':>10}{'tokens/s':>12}{'peak MiB':>10}{'roofline':>10}")
     results = {}
-    for name, fn in methods.items():
-        with PeakMemory(device) as memory:
-            seconds, out = timed(fn, device, args.repeats)
+    for name, (seconds, out, peak) in timed_interleaved(methods, device, args.repeats).items():
         tokens = out.completion_ids if isinstance(out, Rollout) else out
         if tuple(tokens.shape) != (args.batch, tokens_per_image):
             raise RuntimeError(f"{name} produced tokens of shape {tuple(tokens.shape)}")
         roofline = step_bytes / (seconds / tokens_per_image) / bandwidth
         results[name] = dict(seconds=seconds, images_per_s=args.batch / seconds,
                              tokens_per_s=args.batch * tokens_per_image / seconds,
-                             peak_mib=memory.peak_bytes / 2**20, roofline=roofline)
+                             peak_mib=peak / 2**20, roofline=roofline)
         r = results[name]
         print(f"{name:<28}{seconds:>10.3f}{r['images_per_s']:>10.2f}{r['tokens_per_s']:>12.0f}"
               f"{r['peak_mib']:>10.0f}{roofline:>10.1%}")

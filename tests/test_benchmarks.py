@@ -98,3 +98,10 @@ def test_real_sizes_that_do_not_fit_are_refused_with_a_clear_message():
     with pytest.raises(SystemExit, match="refusing to build janus Janus-Pro-7B.*GiB"):
         check_fits(10**15, "cpu", "janus Janus-Pro-7B in torch.bfloat16")
     check_fits(10**6, "cpu", "a small model")  # fits: no exit
+
+
+def test_scoring_memory_benchmark_runs_and_chunks_score_the_same(monkeypatch, capsys):
+    """Tiny head: the script itself checks that the chunked restricted head gives the unchunked log-probs."""
+    lines = _run_script("scoring_memory.py", ["--rows", "2", "--tokens", "64", "--hidden", "32", "--vocab", "2000",
+                                              "--image-vocab", "500", "--chunk", "16"], monkeypatch, capsys)
+    assert re.fullmatch(r"restricted_over_full_memory=\d+\.\d\d", lines[-1])

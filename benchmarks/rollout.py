@@ -214,8 +214,12 @@ def main(argv: list[str] | None = None) -> dict:
         methods["sample_static" + ("_compiled" if compiled else "")] = fast_sample
     if args.ablations:
         repeated = [p for p in prompts for _ in range(args.group)]
-        methods["sample_prefill_per_sample"] = lambda: (
-            setattr(policy, "static_cache", False), policy.sample(repeated, 1, generator=gen(), **knobs))[1]
+
+        def prefill_per_sample() -> Rollout:  # every sample its own copy of the prompt: no shared prefill
+            policy.static_cache = policy.compile_decode = False
+            return policy.sample(repeated, 1, generator=gen(), **knobs)
+
+        methods["sample_prefill_per_sample"] = prefill_per_sample
         for name, fn in family.ablations.items():
             methods[f"sample_{name}"] = lambda fn=fn: fn(policy, prompts, args.group, settings, gen())
 

@@ -63,8 +63,11 @@ def janus_config(size: str, tokenizer):
         vq = dict(embed_dim=8, num_embeddings=spec["codebook"], latent_channels=32, base_channels=32,
                   channel_multiplier=[1, 1, 1], num_res_blocks=1, projection_dim=spec["gen_embed"],
                   image_token_embed_dim=spec["gen_embed"], num_hidden_layers=2)
+    # The releases keep the text lm_head apart from the input embeddings (7.42B parameters for Janus-Pro-7B, 2.09B
+    # for -1B); it is never read while drawing, but it takes memory.
     return JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
-                       image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
+                       image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"),
+                       tie_word_embeddings=not spec["real_vision"])
 
 
 def build_janus_size(size: str, device: str, dtype: torch.dtype, compile_decode: bool = False):

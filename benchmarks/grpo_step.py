@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     params = sum(p.numel() for p in policy.model.parameters())
     trainable = sum(p.numel() for p in adapter + heads)
     print(f"machine: {machine_name(device)}")
-    print(f"policy={args.policy} size={args.size or 'tiny'} params={params / 1e6:.1f}M trainable={trainable / 1e6:.2f}M "
+    print(f"policy={args.policy} size={args.size or 'tiny'} params={params / 1e6:.1f}M "
+          f"trainable={trainable / 1e6:.2f}M "
           f"prompts={args.prompts} group={args.group} micro_batch={micro} beta={args.beta} cfg={args.cfg} "
           f"gradient_checkpointing={args.gradient_checkpointing} tokens_per_image={policy.num_completion_tokens}")
     print(f"{'part':<18}{'seconds':>10}{'share':>8}")

@@ -14,6 +14,8 @@ REGISTRY: dict[str, str] = {
     "hpsv2": "rewards.hpsv2:HPSv2Reward",
     "aesthetic": "rewards.aesthetic:AestheticReward",
     "geneval": "rewards.geneval:GenEvalReward",
+    "ocr": "rewards.ocr:OCRReward",
+    "remote": "rewards.remote:RemoteReward",
 }
 
 

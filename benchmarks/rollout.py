@@ -115,6 +115,48 @@ def janus_two_pass_sample(policy, prompts: list[str], group_size: int, settings:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Emu3
+
+
+def emu3_generate(policy, prompts: list[str], group_size: int, settings: SamplingSettings, seed: int) -> torch.Tensor:
+    """transformers' `generate` the way the release and HF docs run Emu3: a prefix constraint that allows only
+    visual tokens at code positions and forces EOL/EOF/EOI/EOS, and unbatched CFG from `negative_prompt_ids` (its
+    own forward and KV cache per step) with `guidance_scale`. Each prompt is repeated G times (no shared prefill)."""
+    ids, mask = policy.encode_prompts(prompts)
+    ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+    n, prompt_len, num_tokens = ids.shape[0], ids.shape[1], policy.num_completion_tokens
+    forced = policy.forced_tokens.tolist()
+    visual = list(range(policy.visual_start, policy.visual_start + policy.num_codes))
+
+    def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        t = input_ids.shape[0] - prompt_len
+        return visual if t < num_tokens and forced[t] < 0 else [forced[min(t, num_tokens - 1)]]
+
+    cfg = {}
+    if settings.uses_cfg:
+        neg_ids, neg_mask = policy.encode_negative_prompt()
+        cfg = dict(guidance_scale=settings.cfg_scale, negative_prompt_ids=neg_ids.expand(n, -1),
+                   negative_prompt_attention_mask=neg_mask.expand(n, -1))
+    torch.manual_seed(seed)
+    out = policy.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=num_tokens, do_sample=True,
+                                temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                                prefix_allowed_tokens_fn=allowed, **cfg)
+    return out[:, prompt_len:]
+
+
+def emu3_step_bytes(policy, rows: int, context: float) -> float:
+    """The text model's weights without the input embedding table, the visual-token rows of lm_head (all the
+    policy's restricted head reads), and the KV cache."""
+    text_model = policy.model.model.text_model
+    weights = param_bytes(text_model) - param_bytes(text_model.embed_tokens)
+    weights += policy.num_codes * policy.model.lm_head.weight.shape[1] * policy.dtype.itemsize
+    text = policy.model.config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv = 2 * text.num_hidden_layers * rows * text.num_key_value_heads * head_dim * context * policy.dtype.itemsize
+    return weights + kv
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The family table
 
 
@@ -138,6 +180,7 @@ FAMILIES: dict[str, Family] = {
     "janus": Family(generate=janus_generate, step_bytes=janus_step_bytes, build_size=build_janus_size,
                     sizes=JANUS_SIZES, ablations={"cfg_two_passes": janus_two_pass_sample},
                     set_fast_path=_janus_fast_path),
+    "emu3": Family(generate=emu3_generate, step_bytes=emu3_step_bytes),
 }
 
 

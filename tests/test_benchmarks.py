@@ -71,11 +71,15 @@ def _run_script(name: str, args: list[str], monkeypatch, capsys) -> list[str]:
     return capsys.readouterr().out.strip().splitlines()
 
 
-def test_rollout_benchmark_runs_and_prints_its_speedup(monkeypatch, capsys):
-    lines = _run_script("rollout.py", ["--policy", "janus", "--tiny", "--batch", "2", "--group", "2", "--cfg", "5",
+@pytest.mark.parametrize("family,methods", [
+    ("janus", ("generate", "sample", "sample_static", "sample_prefill_per_sample", "sample_cfg_two_passes")),
+    ("emu3", ("generate", "sample", "sample_prefill_per_sample")),
+])
+def test_rollout_benchmark_runs_and_prints_its_speedup(family, methods, monkeypatch, capsys):
+    lines = _run_script("rollout.py", ["--policy", family, "--tiny", "--batch", "2", "--group", "2", "--cfg", "3",
                                        "--repeats", "1", "--ablations"], monkeypatch, capsys)
     table = "\n".join(lines)
-    for method in ("generate", "sample", "sample_static", "sample_prefill_per_sample", "sample_cfg_two_passes"):
+    for method in methods:
         assert re.search(rf"^{method} +\d+\.\d+ ", table, re.M), method
     assert re.fullmatch(r"speedup_vs_generate=\d+\.\d\d", lines[-1])
 
@@ -105,3 +109,18 @@ def test_scoring_memory_benchmark_runs_and_chunks_score_the_same(monkeypatch, ca
     lines = _run_script("scoring_memory.py", ["--rows", "2", "--tokens", "64", "--hidden", "32", "--vocab", "2000",
                                               "--image-vocab", "500", "--chunk", "16"], monkeypatch, capsys)
     assert re.fullmatch(r"restricted_over_full_memory=\d+\.\d\d", lines[-1])
+
+
+def test_emu3_generate_baseline_uses_the_same_distribution():
+    """Emu3: with top_k=1 under CFG, `generate` (prefix constraint + unbatched CFG) and `policy.sample` pick the
+    same tokens, so the benchmark's baseline samples what the policy samples."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.rollout import emu3_generate
+    finally:
+        sys.path.remove(str(ROOT))
+    emu3 = policies.build("emu3", tiny=True)
+    settings = SamplingSettings(cfg_scale=3.0, top_k=1)
+    ours = emu3.sample(PROMPTS, 2, cfg_scale=3.0, top_k=1).completion_ids
+    theirs = emu3_generate(emu3, PROMPTS, 2, settings, seed=0)
+    assert torch.equal(ours, theirs)

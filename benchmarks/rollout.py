@@ -157,6 +157,41 @@ def emu3_step_bytes(policy, rows: int, context: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# BLIP3o-NEXT
+
+
+def blip3o_next_generate(policy, prompts: list[str], group_size: int, settings: SamplingSettings,
+                         seed: int) -> torch.Tensor:
+    """The release's AR side is a Qwen3 causal LM sampling 729 tokens, without CFG: plain `generate` with
+    `num_return_sequences=G`, no EOS stop, and (when the policy restricts to image tokens) a prefix constraint to
+    the `<I*>` ids. AR-side CFG (in-batch empty-caption rows) has no `generate` equivalent: refused."""
+    if settings.uses_cfg:
+        raise SystemExit("blip3o_next: transformers' generate has no in-batch CFG; use --cfg 1 (the release's AR "
+                         "side samples without CFG)")
+    ids, mask = policy.encode_prompts(prompts)
+    image_ids = list(range(policy.image_start, policy.image_start + policy.codebook_size))
+    constraint = (lambda batch_id, input_ids: image_ids) if policy.restrict_to_image_tokens else None
+    torch.manual_seed(seed)
+    out = policy.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=policy.num_completion_tokens,
+                                min_new_tokens=policy.num_completion_tokens, do_sample=True,
+                                temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                                num_return_sequences=group_size, prefix_allowed_tokens_fn=constraint)
+    return out[:, ids.shape[1]:]
+
+
+def causal_lm_step_bytes(policy, rows: int, context: float) -> float:
+    """A causal LM reading its decoder weights (not the input embeddings), its whole output head, and the KV cache."""
+    model = policy.model
+    weights = param_bytes(model) - param_bytes(model.get_input_embeddings())
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:  # tied: the head is read
+        weights += param_bytes(model.get_output_embeddings())
+    text = model.config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv = 2 * text.num_hidden_layers * rows * text.num_key_value_heads * head_dim * context * policy.dtype.itemsize
+    return weights + kv
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The family table
 
 
@@ -181,6 +216,9 @@ FAMILIES: dict[str, Family] = {
                     sizes=JANUS_SIZES, ablations={"cfg_two_passes": janus_two_pass_sample},
                     set_fast_path=_janus_fast_path),
     "emu3": Family(generate=emu3_generate, step_bytes=emu3_step_bytes),
+    "blip3o_next": Family(generate=blip3o_next_generate, step_bytes=causal_lm_step_bytes),
+    # chameleon: no `generate` baseline exists. transformers' Chameleon forward sets every image-token logit to
+    # finfo.min, so its generate cannot draw an image (policies/chameleon.py applies the image rows itself).
 }
 
 

@@ -74,9 +74,11 @@ def _run_script(name: str, args: list[str], monkeypatch, capsys) -> list[str]:
 @pytest.mark.parametrize("family,methods", [
     ("janus", ("generate", "sample", "sample_static", "sample_prefill_per_sample", "sample_cfg_two_passes")),
     ("emu3", ("generate", "sample", "sample_prefill_per_sample")),
+    ("blip3o_next", ("generate", "sample", "sample_prefill_per_sample")),
 ])
 def test_rollout_benchmark_runs_and_prints_its_speedup(family, methods, monkeypatch, capsys):
-    lines = _run_script("rollout.py", ["--policy", family, "--tiny", "--batch", "2", "--group", "2", "--cfg", "3",
+    cfg = "1" if family == "blip3o_next" else "3"
+    lines = _run_script("rollout.py", ["--policy", family, "--tiny", "--batch", "2", "--group", "2", "--cfg", cfg,
                                        "--repeats", "1", "--ablations"], monkeypatch, capsys)
     table = "\n".join(lines)
     for method in methods:
@@ -111,16 +113,17 @@ def test_scoring_memory_benchmark_runs_and_chunks_score_the_same(monkeypatch, ca
     assert re.fullmatch(r"restricted_over_full_memory=\d+\.\d\d", lines[-1])
 
 
-def test_emu3_generate_baseline_uses_the_same_distribution():
-    """Emu3: with top_k=1 under CFG, `generate` (prefix constraint + unbatched CFG) and `policy.sample` pick the
-    same tokens, so the benchmark's baseline samples what the policy samples."""
+@pytest.mark.parametrize("family,cfg_scale", [("emu3", 3.0), ("blip3o_next", 1.0)])
+def test_other_families_generate_baselines_use_the_same_distribution(family, cfg_scale):
+    """With top_k=1, `generate` (Emu3: prefix constraint + unbatched CFG; BLIP3o-NEXT: plain, no CFG as released)
+    and `policy.sample` pick the same tokens on left-padded prompts, so the baseline samples what the policy does."""
     sys.path.insert(0, str(ROOT))
     try:
-        from benchmarks.rollout import emu3_generate
+        from benchmarks.rollout import FAMILIES
     finally:
         sys.path.remove(str(ROOT))
-    emu3 = policies.build("emu3", tiny=True)
-    settings = SamplingSettings(cfg_scale=3.0, top_k=1)
-    ours = emu3.sample(PROMPTS, 2, cfg_scale=3.0, top_k=1).completion_ids
-    theirs = emu3_generate(emu3, PROMPTS, 2, settings, seed=0)
+    policy = policies.build(family, tiny=True)
+    settings = SamplingSettings(cfg_scale=cfg_scale, top_k=1)
+    ours = policy.sample(PROMPTS, 2, cfg_scale=cfg_scale, top_k=1).completion_ids
+    theirs = FAMILIES[family].generate(policy, PROMPTS, 2, settings, 0)
     assert torch.equal(ours, theirs)

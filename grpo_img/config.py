@@ -41,6 +41,17 @@ class GRPOImgConfig:
     top_k: int = 0
     top_p: float = 1.0
 
+    # -- think-then-draw (policies/plan.py): a text plan first, then the image conditioned on prompt + plan --------
+    plan: bool = False
+    plan_max_tokens: int = 64
+    plan_temperature: float = 1.0  # the plan is text: sampled without CFG, with its own settings
+    plan_top_k: int = 0
+    plan_top_p: float = 1.0
+    plan_end_marker: str | None = None  # a token of the policy's tokenizer; None: its EOS
+    plan_instruction: str = "{prompt}"  # the plan-writing request, inside the family's prompt template
+    train_plan: bool = True  # plan tokens in the action mask
+    train_image_tokens: bool = True  # free image tokens in the action mask (with a plan)
+
     # -- batch geometry (per process, in samples) ----------------------------------------------------------------
     per_device_train_batch_size: int = 8  # samples per forward/backward
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer update
@@ -129,6 +140,21 @@ class GRPOImgConfig:
             raise ValueError("no prompts: set `prompts` to a list, a .txt/.jsonl file or 'hf:DATASET'")
         if not self.rewards:
             raise ValueError("no rewards configured")
+        if not self.plan and not self.train_image_tokens:
+            raise ValueError("train_image_tokens: false leaves nothing to train without a plan (set plan: true)")
+        if self.plan:
+            self.plan_settings()  # validates the plan fields
+
+    def plan_settings(self):
+        """The think-then-draw settings, or None when it is off."""
+        if not self.plan:
+            return None
+        from policies.plan import PlanSettings
+
+        return PlanSettings(max_tokens=self.plan_max_tokens, temperature=self.plan_temperature, top_k=self.plan_top_k,
+                            top_p=self.plan_top_p, end_marker=self.plan_end_marker,
+                            instruction=self.plan_instruction, train_plan=self.train_plan,
+                            train_image=self.train_image_tokens)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

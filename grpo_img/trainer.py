@@ -5,6 +5,7 @@ family it trains: it talks to a `policies.Policy` and a `rewards.Reward`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -67,8 +68,11 @@ def grpo_step(
     images = policy.decode(rollout)
     t_decode = time.perf_counter()
 
-    # 3. Reward. Samples that cannot be scored are NaN and leave the loss.
+    # 3. Reward. Samples that cannot be scored are NaN and leave the loss. A think-then-draw plan reaches the
+    #    reward as metadata["plan"].
     metadata = [record.metadata for record in batch for _ in range(group_size)]
+    if rollout.plans is not None:
+        metadata = [{**(meta or {}), "plan": plan} for meta, plan in zip(metadata, rollout.plans)]
     reward_values, reward_failures = score_with_isolation(reward_fn, images, rollout.prompts, metadata)
     scored = ~torch.isnan(reward_values)
     state.reward_failures_in_a_row = 0 if scored.any() else state.reward_failures_in_a_row + 1
@@ -211,7 +215,9 @@ def _score_all(policy: Policy, rollout: Rollout, cfg_mode: str, micro_batch: int
 
 def setup_policy(config: GRPOImgConfig, device: torch.device) -> Policy:
     policy = policies.build(config.policy, **config.policy_options)
-    policy.validate_for_training()
+    if config.plan:
+        policy.set_plan(config.plan_settings())
+    policy.validate_for_training()  # e.g. SEED-X without a plan: every image token is forced, nothing to train
     policy.add_lora(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                     train_image_heads=config.train_image_heads)
     disable_dropout_in_model(policy.model)  # dropout would make the first ratio differ from 1
@@ -297,3 +303,8 @@ def save_image_grid(output_dir: Path, step: int, images, rollout: Rollout, rewar
     folder = output_dir / "images"
     folder.mkdir(exist_ok=True)
     image_grid(images, captions, columns=group_size).save(folder / f"step_{step:06d}.png")
+    if rollout.plans is not None:  # the plans of the grid, row by row, next to it
+        with (output_dir / "plans.jsonl").open("a") as f:
+            for i, plan in enumerate(rollout.plans):
+                f.write(json.dumps({"step": step, "row": i, "prompt": rollout.prompts[i], "plan": plan,
+                                    "reward": reward_values[i].item(), "image": f"images/step_{step:06d}.png"}) + "\n")

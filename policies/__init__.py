@@ -13,6 +13,7 @@ REGISTRY: dict[str, str] = {
     "emu3": "policies.emu3:Emu3Policy",
     "janus": "policies.janus:JanusPolicy",
     "blip3o_next": "policies.blip3o_next:Blip3oNextPolicy",
+    "seed_x": "policies.seed_x:SeedXPolicy",
 }
 
 

@@ -64,9 +64,21 @@ class Rollout:
     logprobs: Tensor  # [N, T] float32, log-prob under the distribution actually sampled from
     sampling: SamplingSettings
     extras: dict = field(default_factory=dict)  # family-specific per-row tensors (same leading dim N)
+    # Think-then-draw (policies/plan.py): the first `num_plan_tokens` completion columns are the written plan,
+    # padded after its stop token; `plans` is its text per row (for logging and rewards). 0 / None without a plan.
+    num_plan_tokens: int = 0
+    plans: list[str] | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
+
+    @property
+    def plan_ids(self) -> Tensor:
+        return self.completion_ids[:, : self.num_plan_tokens]
+
+    @property
+    def image_ids(self) -> Tensor:
+        return self.completion_ids[:, self.num_plan_tokens :]
 
     def select(self, index: Tensor | slice) -> "Rollout":
         """Rows `index` of this rollout (used to cut micro-batches)."""
@@ -78,7 +90,7 @@ class Rollout:
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 picked[f.name] = value[index]
-            elif f.name == "prompts":
+            elif isinstance(value, list):  # prompts, plans
                 picked[f.name] = [value[i] for i in index.tolist()]
             elif f.name == "extras":
                 picked[f.name] = {k: v[index] if isinstance(v, Tensor) else [v[i] for i in index.tolist()]
@@ -153,8 +165,14 @@ class Policy(ABC):
     lora_target_modules: list[str] | str = []
     #: Image heads trained in full next to LoRA (peft `modules_to_save`), where the family has them.
     modules_to_save: list[str] = []
-    #: Number of tokens in one image's completion (T of the rollout).
-    num_completion_tokens: int = 0
+    #: Number of tokens in one image (the image span of the completion).
+    num_image_tokens: int = 0
+    #: False where every image token is forced (SEED-X): then only a plan can be trained.
+    free_image_tokens: bool = True
+    #: False where guidance lives outside the token distribution (SEED-X guides its diffusion de-tokenizer).
+    token_cfg: bool = True
+    #: Think-then-draw settings (policies/plan.py), set with `set_plan`; None: the image follows the prompt.
+    plan = None
     #: Side of the decoded square image in pixels.
     image_size: int = 0
 
@@ -191,6 +209,26 @@ class Policy(ABC):
         """Save weights and tokenizer/processor so that `build(name, model_name_or_path=path)` loads them back."""
 
     # -- shared machinery ---------------------------------------------------------------------------------------
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """T of the rollout: the plan span (when think-then-draw is on) plus the image tokens."""
+        return (self.plan.max_tokens if self.plan is not None else 0) + self.num_image_tokens
+
+    @num_completion_tokens.setter
+    def num_completion_tokens(self, value: int) -> None:  # families written before plans set this directly
+        self.num_image_tokens = value
+
+    def set_plan(self, plan) -> None:
+        """Turn think-then-draw on (a `policies.plan.PlanSettings`) or off (None)."""
+        from policies.plan import ThinkThenDraw
+
+        if plan is not None and not isinstance(self, ThinkThenDraw):
+            raise NotImplementedError(f"policy {self.name!r} does not support think-then-draw yet (it needs the "
+                                      "ThinkThenDraw hooks of policies/plan.py)")
+        self.plan = plan
+        if plan is not None:
+            self.end_marker_id()  # fails now, not mid-run, on an unknown end marker
 
     @property
     def device(self) -> torch.device:
@@ -239,3 +277,10 @@ class Policy(ABC):
 
     def validate_for_training(self, train_image_tokens: bool = True) -> None:
         """Raise if GRPO would have nothing to train (e.g. a family whose image tokens are all forced)."""
+        trains_plan = self.plan is not None and self.plan.train_plan
+        trains_image = train_image_tokens and self.free_image_tokens and (self.plan is None or self.plan.train_image)
+        if not (trains_plan or trains_image):
+            why = ("its image tokens are all forced" if not self.free_image_tokens
+                   else "both the plan and the image span are switched off")
+            raise ValueError(f"policy {self.name!r} has no trainable choice: {why}. Turn think-then-draw on "
+                             "(`plan: true`, `train_plan: true`) so that GRPO trains the plan")

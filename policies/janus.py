@@ -9,13 +9,17 @@ CFG as released: the unconditional row is the prompt with every token but BOS an
 (the pads stay attended: that is the null condition the model was trained with), and the guided logits are
 u + s (c - u). Every image token is a free choice, so the action mask is all True.
 
+Think-then-draw (policies/plan.py): the plan is the assistant's text after "<|Assistant|>:", written with the text
+`lm_head`, and the image follows "...<|Assistant|>:{plan}<begin_of_image>". Its unconditional row blanks the plan
+with the rest of the prompt (all pads but BOS/BOI), i.e. the released null condition.
+
 One deliberate difference from `generate`: positions come from the attention mask (`cumsum - 1`), in sampling and
 scoring alike, so left padding does not shift a prompt's positions and its samples do not depend on the batch.
 
 Speed option (`build(..., static_cache=True, compile_decode=True)`): the decode loop runs on a preallocated
 `StaticCache` and, on CUDA, a `torch.compile(mode="reduce-overhead")` (CUDA-graph) decode step, so that a step
 costs its memory traffic rather than Python overhead. It samples the same distribution as the default path
-(`_sample_static`; tested on CPU without compile). Compile is skipped on CPU, where it does not pay.
+(`_sample_image_static`; tested on CPU without compile). Compile is skipped on CPU, where it does not pay.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from policies.base import (
     process_logits,
     sample_from_logits,
 )
+from policies.plan import ThinkThenDraw
 
 # Renders the message format of transformers' Janus docs the way the released template does for one user turn.
 TINY_CHAT_TEMPLATE = (
@@ -46,12 +51,12 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-class JanusPolicy(Policy):
+class JanusPolicy(ThinkThenDraw, Policy):
     name = "janus"
     # The SigLIP tower also has q/k/v_proj: restrict LoRA to the language model with a regex.
     lora_target_modules = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     modules_to_save = ["generation_head"]
-    static_cache = False  # decode on a StaticCache (see _sample_static)
+    static_cache = False  # decode on a StaticCache (see _sample_image_static)
     compile_decode = False  # and, on CUDA, through a CUDA-graph compiled step
 
     def __init__(self, model, processor, decode_batch_size: int = 16):
@@ -65,8 +70,8 @@ class JanusPolicy(Policy):
         self.boi_id = tokenizer.convert_tokens_to_ids(processor.image_start_token)
         if None in (self.bos_id, self.pad_id, self.boi_id):
             raise ValueError("Janus tokenizer must define BOS, pad and <begin_of_image> tokens")
-        self.num_completion_tokens = model.config.vision_config.num_image_tokens
-        self.grid = int(round(self.num_completion_tokens**0.5))
+        self.num_image_tokens = model.config.vision_config.num_image_tokens
+        self.grid = int(round(self.num_image_tokens**0.5))
         vq = model.config.vq_config
         self.image_size = self.grid * 2 ** (len(vq.channel_multiplier) - 1)
 
@@ -89,7 +94,7 @@ class JanusPolicy(Policy):
 
         `tiny_palette` (tiny only): fit the random VQ decoder for a few seconds so that code k paints
         `tiny_palette[k % len]` (the demo's toy world; see policies/tiny.py).
-        `static_cache` / `compile_decode`: the fast decode loop of `_sample_static` (compile implies static).
+        `static_cache` / `compile_decode`: the fast decode loop of `_sample_image_static` (compile implies static).
         """
         from transformers import JanusForConditionalGeneration, JanusProcessor
 
@@ -125,12 +130,32 @@ class JanusPolicy(Policy):
 
     def format_prompt(self, prompt: str) -> str:
         """The released SFT template (via the processor's chat template) followed by <begin_of_image>."""
-        messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+        return self.plan_prompt_text(prompt) + self.processor.image_start_token
+
+    # -- think-then-draw hooks (policies/plan.py): the plan is the assistant's text before <begin_of_image> ----
+
+    @property
+    def plan_tokenizer(self):
+        return self.processor.tokenizer
+
+    def plan_prompt_text(self, request: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "text", "text": request}]}]
         if getattr(self.processor, "chat_template", None):
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = f"<|User|>: {prompt}\n\n<|Assistant|>:"
-        return text + self.processor.image_start_token
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return f"<|User|>: {request}\n\n<|Assistant|>:"
+
+    def text_logits(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
+        hidden = self._language_model(self.model.get_input_embeddings()(ids), mask, positions, cache)
+        return self.model.lm_head(hidden.last_hidden_state)
+
+    @property
+    def image_prefix_ids(self) -> list[int]:
+        return [self.boi_id]
+
+    def plan_banned_ids(self) -> list[int]:
+        tokenizer = self.processor.tokenizer
+        return [tokenizer.convert_tokens_to_ids(t) for t in (self.processor.image_end_token,
+                                                              self.processor.image_token)]
 
     def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         if not prompts:
@@ -168,31 +193,46 @@ class JanusPolicy(Policy):
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> Rollout:
+        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
+        plan = None
+        if self.plan is None:
+            # one context per prompt: prefilled once, its KV cache shared by the group's samples
+            ids, mask = self.encode_prompts(prompts)
+            tokens, logprobs = self._sample_image(ids, mask, group_size, settings, generator)
+            ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+        else:
+            # one context per sample: prompt + its own plan + <begin_of_image>
+            ids, mask, plan = self.sample_plans(prompts, group_size, generator)
+            context_ids, context_mask = self.plan_context(ids, mask, plan.ids)
+            tokens, logprobs = self._sample_image(context_ids, context_mask, 1, settings, generator)
+        return self.make_rollout(prompts, group_size, ids, mask, tokens, torch.ones_like(tokens, dtype=torch.bool),
+                                 logprobs, settings, plan)
+
+    def _sample_image(self, ids: Tensor, mask: Tensor, repeats: int, settings: SamplingSettings,
+                      generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Image tokens after each context row, `repeats` samples per row (KV-cached, CFG)."""
         from transformers import DynamicCache
 
-        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
         if self.static_cache:
-            return _sample_static(self, prompts, group_size, settings, generator)
-        ids, mask = self.encode_prompts(prompts)
-        n = len(prompts) * group_size
+            return _sample_image_static(self, ids, mask, repeats, settings, generator)
+        n = ids.shape[0] * repeats
         rows_ids, rows_mask = self._guidance_rows(ids, mask, settings.uses_cfg)
-
-        # Prefill each prompt once, then share its KV cache between the group's samples.
         cache = DynamicCache(config=self.model.config.text_config)
         positions = position_ids_from_mask(rows_mask)
         out = self._language_model(self.model.get_input_embeddings()(rows_ids), rows_mask, positions, cache)
-        cache.batch_repeat_interleave(group_size)
-        hidden = out.last_hidden_state[:, -1].repeat_interleave(group_size, 0)
-        attn = rows_mask.repeat_interleave(group_size, 0)
-        next_position = positions[:, -1:].repeat_interleave(group_size, 0) + 1
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+        hidden = out.last_hidden_state[:, -1].repeat_interleave(repeats, 0)
+        attn = rows_mask.repeat_interleave(repeats, 0)
+        next_position = positions[:, -1:].repeat_interleave(repeats, 0) + 1
 
-        tokens = torch.empty(n, self.num_completion_tokens, dtype=torch.long, device=self.device)
-        logprobs = torch.empty(n, self.num_completion_tokens, dtype=torch.float32, device=self.device)
-        for t in range(self.num_completion_tokens):
+        tokens = torch.empty(n, self.num_image_tokens, dtype=torch.long, device=self.device)
+        logprobs = torch.empty(n, self.num_image_tokens, dtype=torch.float32, device=self.device)
+        for t in range(self.num_image_tokens):
             logits = self.model.model.generation_head(hidden)
             uncond = logits[n:] if settings.uses_cfg else None
             tokens[:, t], logprobs[:, t] = sample_from_logits(process_logits(logits[:n], uncond, settings), generator)
-            if t + 1 == self.num_completion_tokens:
+            if t + 1 == self.num_image_tokens:
                 break
             step_tokens = tokens[:, t : t + 1].repeat(2 if settings.uses_cfg else 1, 1)
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
@@ -200,24 +240,16 @@ class JanusPolicy(Policy):
                                        next_position, cache)
             hidden = out.last_hidden_state[:, -1]
             next_position = next_position + 1
-
-        return Rollout(
-            prompts=[p for p in prompts for _ in range(group_size)],
-            group_index=torch.arange(len(prompts), device=self.device).repeat_interleave(group_size),
-            prompt_ids=ids.repeat_interleave(group_size, 0),
-            prompt_mask=mask.repeat_interleave(group_size, 0),
-            completion_ids=tokens,
-            action_mask=torch.ones_like(tokens, dtype=torch.bool),
-            logprobs=logprobs,
-            sampling=settings,
-        )
+        return tokens, logprobs
 
     def token_logprobs(self, rollout: Rollout, cfg_mode: CfgMode = "mixture", return_entropy: bool = False):
         check_cfg_mode(cfg_mode)
         settings = rollout.sampling
         with_uncond = cfg_mode == "mixture" and settings.uses_cfg
-        rows_ids, rows_mask = self._guidance_rows(rollout.prompt_ids, rollout.prompt_mask, with_uncond)
-        previous = rollout.completion_ids[:, :-1].repeat(2 if with_uncond else 1, 1)
+        context_ids, context_mask = self.image_context(rollout)
+        rows_ids, rows_mask = self._guidance_rows(context_ids, context_mask, with_uncond)
+        image_ids = rollout.image_ids
+        previous = image_ids[:, :-1].repeat(2 if with_uncond else 1, 1)
         embeds = torch.cat([self.model.get_input_embeddings()(rows_ids),
                             self.model.prepare_embeddings_for_image_generation(previous)], dim=1)
         attn = torch.cat([rows_mask, rows_mask.new_ones(previous.shape)], dim=1)
@@ -226,23 +258,22 @@ class JanusPolicy(Policy):
         logits = self.model.model.generation_head(hidden[:, rows_ids.shape[1] - 1 :])
         n = len(rollout)
         processed = process_logits(logits[:n], logits[n:] if with_uncond else None, settings)
-        logprobs = selective_log_softmax(processed, rollout.completion_ids)
-        if return_entropy:
-            return logprobs, entropy_of_logits(processed.detach())
-        return logprobs
+        logprobs = selective_log_softmax(processed, image_ids)
+        entropy = entropy_of_logits(processed.detach()) if return_entropy else None
+        return self.join_plan_logprobs(rollout, logprobs, entropy, return_entropy)
 
     @torch.no_grad()
     def decode(self, rollout: Rollout) -> list[Image.Image]:
         images = []
-        for chunk in rollout.completion_ids.split(self.decode_batch_size):
+        for chunk in rollout.image_ids.split(self.decode_batch_size):
             pixels = self.model.decode_image_tokens(chunk)  # [B, H, W, 3], channels-last, about [-1, 1]
             pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
             images.extend(Image.fromarray(p) for p in pixels)
         return images
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fast decode loop: static KV cache, optionally a CUDA-graph compiled step. Kept apart from `JanusPolicy.sample` on
-# purpose; it must sample exactly what `sample` samples (tests/test_benchmarks.py compares them token for token).
+# Fast decode loop: static KV cache, optionally a CUDA-graph compiled step. Kept apart from `_sample_image` on
+# purpose; it must sample exactly what `_sample_image` samples (tests/test_benchmarks.py compares token for token).
 
 log = logging.getLogger(__name__)
 
@@ -283,22 +314,22 @@ def _reusable_static_cache(policy: JanusPolicy, like: Tensor, max_cache_len: int
 
 
 @torch.no_grad()
-def _sample_static(policy: JanusPolicy, prompts: list[str], group_size: int, settings: SamplingSettings,
-                   generator: torch.Generator | None) -> Rollout:
-    """`JanusPolicy.sample` on a StaticCache: prefill once per prompt (dynamic cache), repeat it for the group into
-    a preallocated [rows, heads, P + T, d] cache, then decode with fixed shapes (full-length attention mask updated
-    in place), which is what lets a compiled step be replayed as one CUDA graph."""
+def _sample_image_static(policy: JanusPolicy, ids: Tensor, mask: Tensor, repeats: int, settings: SamplingSettings,
+                         generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """`JanusPolicy._sample_image` on a StaticCache: prefill each context row once (dynamic cache), repeat it
+    `repeats` times into a preallocated [rows, heads, P + T, d] cache, then decode with fixed shapes (full-length
+    attention mask updated in place), which is what lets a compiled step be replayed as one CUDA graph."""
     from transformers import DynamicCache
 
-    ids, mask = policy.encode_prompts(prompts)
-    n, num_tokens = len(prompts) * group_size, policy.num_completion_tokens
+    n, num_tokens = ids.shape[0] * repeats, policy.num_image_tokens
     rows_ids, rows_mask = policy._guidance_rows(ids, mask, settings.uses_cfg)
     prompt_len = rows_ids.shape[1]
 
     prefill = DynamicCache(config=policy.model.config.text_config)
     positions = position_ids_from_mask(rows_mask)
     out = policy._language_model(policy.model.get_input_embeddings()(rows_ids), rows_mask, positions, prefill)
-    prefill.batch_repeat_interleave(group_size)
+    if repeats > 1:
+        prefill.batch_repeat_interleave(repeats)
     cache = _reusable_static_cache(policy, prefill.layers[0].keys, prompt_len + num_tokens)
     for static_layer, layer in zip(cache.layers, prefill.layers):
         if not static_layer.is_initialized:
@@ -308,12 +339,11 @@ def _sample_static(policy: JanusPolicy, prompts: list[str], group_size: int, set
         static_layer.cumulative_length.fill_(prompt_len)
     del prefill
 
-    hidden = out.last_hidden_state[:, -1].repeat_interleave(group_size, 0)
+    hidden = out.last_hidden_state[:, -1].repeat_interleave(repeats, 0)
     logits = policy.model.model.generation_head(hidden)
-    rows = hidden.shape[0]
-    attn = torch.zeros(rows, prompt_len + num_tokens, dtype=rows_mask.dtype, device=policy.device)
-    attn[:, :prompt_len] = rows_mask.repeat_interleave(group_size, 0)
-    next_position = positions[:, -1:].repeat_interleave(group_size, 0) + 1
+    attn = torch.zeros(hidden.shape[0], prompt_len + num_tokens, dtype=rows_mask.dtype, device=policy.device)
+    attn[:, :prompt_len] = rows_mask.repeat_interleave(repeats, 0)
+    next_position = positions[:, -1:].repeat_interleave(repeats, 0) + 1
     step = _decode_step_fn(policy)
 
     tokens = torch.empty(n, num_tokens, dtype=torch.long, device=policy.device)
@@ -328,17 +358,7 @@ def _sample_static(policy: JanusPolicy, prompts: list[str], group_size: int, set
         # clone: a CUDA-graph replay overwrites its output buffer on the next call
         logits = step(policy, step_tokens, attn, next_position, cache).clone()
         next_position = next_position + 1
-
-    return Rollout(
-        prompts=[p for p in prompts for _ in range(group_size)],
-        group_index=torch.arange(len(prompts), device=policy.device).repeat_interleave(group_size),
-        prompt_ids=ids.repeat_interleave(group_size, 0),
-        prompt_mask=mask.repeat_interleave(group_size, 0),
-        completion_ids=tokens,
-        action_mask=torch.ones_like(tokens, dtype=torch.bool),
-        logprobs=logprobs,
-        sampling=settings,
-    )
+    return tokens, logprobs
 
 
 def _tiny_janus():

@@ -14,10 +14,21 @@ def policy_name(request):
     return request.param
 
 
+def build_tiny(policy_name: str, **options):
+    """A tiny policy for the contract. A family whose image tokens are all forced (SEED-X) has its only choice in a
+    think-then-draw plan, so it is built with a short plan switched on."""
+    policy = policies.build(policy_name, tiny=True, **options)
+    if not policy.free_image_tokens:
+        from policies.plan import PlanSettings
+
+        policy.set_plan(PlanSettings(max_tokens=6))
+    return policy
+
+
 @pytest.fixture(scope="session")
 def tiny_policy(policy_name):
     """A fresh-weights tiny policy per family, fp32, CPU. Tests must not train it in place."""
-    return policies.build(policy_name, tiny=True)
+    return build_tiny(policy_name)
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 import policies
-from conftest import PROMPTS
+from conftest import PROMPTS, build_tiny
 
 
 def sample(policy, group_size=3, seed=0, **settings):
@@ -56,6 +56,8 @@ def test_cfg_scale_one_is_the_conditional_distribution(tiny_policy):
         mixture = tiny_policy.token_logprobs(rollout, "mixture")
         conditional = tiny_policy.token_logprobs(rollout, "conditional")
     assert torch.allclose(mixture, conditional, atol=1e-6)
+    if not tiny_policy.token_cfg:
+        return  # no token-level guidance (SEED-X guides its diffusion de-tokenizer): the modes coincide by design
     # and with guidance the two modes really differ
     guided = sample(tiny_policy, cfg_scale=4.0)
     with torch.no_grad():
@@ -93,7 +95,7 @@ def test_decode_gives_images_of_the_configured_size(tiny_policy):
 
 
 def test_only_lora_and_image_heads_receive_gradients(policy_name):
-    policy = policies.build(policy_name, tiny=True)
+    policy = build_tiny(policy_name)
     policy.add_lora(r=4, alpha=8)
     rollout = sample(policy)
     logprobs = policy.token_logprobs(rollout, "mixture")
@@ -109,7 +111,7 @@ def test_only_lora_and_image_heads_receive_gradients(policy_name):
 
 def test_reference_is_the_base_model_and_kl_starts_at_zero(policy_name):
     """With a fresh adapter the policy equals its reference exactly, so the k3 KL of step 0 is exactly 0."""
-    policy = policies.build(policy_name, tiny=True)
+    policy = build_tiny(policy_name)
     rollout = sample(policy)
     with torch.no_grad():
         before = policy.token_logprobs(rollout)
@@ -123,9 +125,10 @@ def test_reference_is_the_base_model_and_kl_starts_at_zero(policy_name):
 
 
 def test_save_and_load_round_trip(policy_name, tmp_path):
-    policy = policies.build(policy_name, tiny=True, seed=3)
+    policy = build_tiny(policy_name, seed=3)
     policy.save_pretrained(str(tmp_path))
     loaded = policies.build(policy_name, model_name_or_path=str(tmp_path))
+    loaded.set_plan(policy.plan)
     rollout = sample(policy)
     again = sample(loaded)
     assert torch.equal(rollout.completion_ids, again.completion_ids)

@@ -127,3 +127,16 @@ def test_other_families_generate_baselines_use_the_same_distribution(family, cfg
     ours = policy.sample(PROMPTS, 2, cfg_scale=cfg_scale, top_k=1).completion_ids
     theirs = FAMILIES[family].generate(policy, PROMPTS, 2, settings, 0)
     assert torch.equal(ours, theirs)
+
+
+def test_static_cache_with_think_then_draw_contexts():
+    """Per-sample contexts (prompt + its own plan): the static path still samples what the dynamic one does."""
+    from policies.plan import PlanSettings
+
+    policy = policies.build("janus", tiny=True)
+    policy.set_plan(PlanSettings(max_tokens=6))
+    dynamic = policy.sample(PROMPTS, 3, cfg_scale=5.0, generator=torch.Generator().manual_seed(1))
+    policy.static_cache = True
+    static = policy.sample(PROMPTS, 3, cfg_scale=5.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(static.completion_ids, dynamic.completion_ids)
+    torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=1e-5, rtol=0)

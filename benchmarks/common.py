@@ -1,0 +1,241 @@
+"""Shared pieces of the benchmark scripts: model sizes, timing, peak memory, memory bandwidth.
+
+Real sizes are the released architectures' dimensions with random weights (nothing is downloaded): the speed of a
+decode step depends on the shapes, not on the values. They are built directly on the target device in the target
+dtype (never materialised in CPU RAM first), after a check on the meta device that they fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sizes. Text dimensions as in the released configs; a benchmark never needs the real tokenizer, so prompts go
+# through the tiny word-level tokenizer (its ids are a subset of the real vocabulary).
+
+# The language models, as released (config.json of each checkpoint).
+JANUS_SIZES: dict[str, dict] = {
+    # Janus-Pro-1B: DeepSeek-LLM 1.5B-class text model, SigLIP-L vision tower, VQ-16 with 16384 codes.
+    "Janus-Pro-1B": dict(
+        text=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+                  num_key_value_heads=16, vocab_size=102400, max_position_embeddings=16384),
+        image_tokens=576, codebook=16384, gen_embed=2048, real_vision=True),
+    # Janus-Pro-7B: DeepSeek-LLM-7B text model.
+    "Janus-Pro-7B": dict(
+        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=102400, max_position_embeddings=16384),
+        image_tokens=576, codebook=16384, gen_embed=4096, real_vision=True),
+    # Not a release: the CPU comparison size (a few layers, hidden 256, the real codebook and token count).
+    "cpu-bench": dict(
+        text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=8),
+        image_tokens=576, codebook=16384, gen_embed=256, real_vision=False),
+}
+
+
+def janus_config(size: str, tokenizer):
+    """A JanusConfig of `size` (a key of JANUS_SIZES) for the word-level tokenizer."""
+    from transformers import JanusConfig
+
+    spec = JANUS_SIZES[size]
+    text = dict(model_type="llama", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text.update(spec["text"])
+    if text["vocab_size"] < len(tokenizer):
+        raise ValueError("tokenizer larger than the model vocabulary")
+    hidden, patches = text["hidden_size"], int(round(spec["image_tokens"] ** 0.5))
+    if spec["real_vision"]:  # SigLIP-L at 384 px, patch 16 (the JanusVisionConfig defaults), VQ-16 defaults
+        vision = dict(projection_dim=hidden, num_image_tokens=spec["image_tokens"])
+        vq = dict(num_embeddings=spec["codebook"], projection_dim=spec["gen_embed"],
+                  image_token_embed_dim=spec["gen_embed"])
+    else:
+        vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=patches * 4,
+                      patch_size=4, num_image_tokens=patches * patches, projection_dim=hidden, mlp_ratio=2, depth=1)
+        vq = dict(embed_dim=8, num_embeddings=spec["codebook"], latent_channels=32, base_channels=32,
+                  channel_multiplier=[1, 1, 1], num_res_blocks=1, projection_dim=spec["gen_embed"],
+                  image_token_embed_dim=spec["gen_embed"], num_hidden_layers=2)
+    # The releases keep the text lm_head apart from the input embeddings (7.42B parameters for Janus-Pro-7B, 2.09B
+    # for -1B); it is never read while drawing, but it takes memory.
+    return JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
+                       image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"),
+                       tie_word_embeddings=not spec["real_vision"])
+
+
+def build_janus_size(size: str, device: str, dtype: torch.dtype, compile_decode: bool = False):
+    """A JanusPolicy of a named size with random weights, built on `device` in `dtype`; refuses if it cannot fit."""
+    from transformers import JanusForConditionalGeneration, JanusImageProcessor, JanusProcessor
+
+    from policies.janus import TINY_CHAT_TEMPLATE, JanusPolicy
+    from policies.tiny import word_level_tokenizer
+
+    if size not in JANUS_SIZES:
+        raise SystemExit(f"unknown size {size!r} for janus; known: {', '.join(JANUS_SIZES)}")
+    specials = ["<begin_of_image>", "<end_of_image>", "<image_placeholder>", "<|User|>:", "<|Assistant|>:"]
+    tokenizer = word_level_tokenizer(specials, extra_special={
+        "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_placeholder>"})
+    config = janus_config(size, tokenizer)
+    with torch.device("meta"):
+        meta = JanusForConditionalGeneration(config)
+    need = sum(p.numel() for p in meta.parameters()) * torch.finfo(dtype).bits // 8
+    del meta
+    check_fits(need, device, f"janus {size} in {dtype}")
+    with _default_dtype(dtype), torch.device(device):
+        model = JanusForConditionalGeneration(config)
+    model.requires_grad_(False)
+    model.eval()
+    side = config.vision_config.image_size
+    processor = JanusProcessor(image_processor=JanusImageProcessor(size={"height": side, "width": side}),
+                               tokenizer=tokenizer, chat_template=TINY_CHAT_TEMPLATE,
+                               num_image_tokens=config.vision_config.num_image_tokens)
+    policy = JanusPolicy(model, processor)
+    policy.static_cache = policy.compile_decode = False
+    return policy
+
+
+def check_fits(weight_bytes: int, device: str, what: str, headroom: float = 1.3) -> None:
+    """Exit with a clear message when the weights (times a working headroom) exceed the device's free memory."""
+    if torch.device(device).type == "cuda":
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+        where = f"GPU {torch.cuda.get_device_name(torch.device(device))}"
+    else:
+        free = _available_ram()
+        where = "this machine's RAM"
+    if weight_bytes * headroom > free:
+        raise SystemExit(f"refusing to build {what}: its weights take {weight_bytes / 2**30:.1f} GiB (plus working "
+                         f"memory), {where} has {free / 2**30:.1f} GiB free. Use a smaller --size or a larger device.")
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(torch.device(device))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class PeakMemory:
+    """Peak memory of a block, above what was in use when it started: allocator peak on CUDA, sampled resident set
+    size on CPU (every 2 ms; short-lived spikes can be missed, and freed pages the allocator keeps count)."""
+
+    device: torch.device
+    peak_bytes: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._start = self._max = _rss()
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.002):
+            self._max = max(self._max, _rss())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self._max, _rss()) - self._start
+
+
+def clock(device: torch.device) -> Callable[[], float]:
+    """Wall time on CUDA. On CPU, this process's CPU time: the benchmark machines are shared, and other processes'
+    load inflates wall time but not the CPU time a single-threaded run uses (run with OMP_NUM_THREADS=1)."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
+def timed_interleaved(methods: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                      warmup: int = 1) -> dict[str, tuple[float, object, int]]:
+    """Median seconds of each method over `repeats` rounds, the methods taking turns within a round so that load
+    changes hit them alike; returns name -> (seconds, last result, peak bytes of its warm-up run)."""
+    now = clock(device)
+    peaks, results, times = {}, {}, {name: [] for name in methods}
+    for name, fn in methods.items():
+        with PeakMemory(device) as memory:
+            for _ in range(warmup):
+                results[name] = fn()
+        peaks[name] = memory.peak_bytes
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            sync(device)
+            start = now()
+            results[name] = fn()
+            sync(device)
+            times[name].append(now() - start)
+    return {name: (sorted(t)[len(t) // 2], results[name], peaks[name]) for name, t in times.items()}
+
+
+def measure_bandwidth(device: torch.device, megabytes: int | None = None, repeats: int = 10) -> float:
+    """Device memory bandwidth in bytes/s from a large device-to-device copy (counts the read and the write)."""
+    megabytes = megabytes or (1024 if device.type == "cuda" else 128)
+    src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    sync(device)
+    return 2 * src.numel() * repeats / (time.perf_counter() - start)
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} torch thread(s) (torch {torch.__version__})"
+
+
+def param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())

@@ -1,0 +1,142 @@
+"""The speed paths sample what the plain paths sample, and the benchmark scripts run end to end on tiny settings.
+
+Timings themselves are not asserted here (they belong to the scripts' output, see docs/performance.md)."""
+
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import policies
+from policies.base import SamplingSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red image", "a photo of two dogs next to a blue car on the left"]
+
+
+@pytest.fixture(scope="module")
+def janus():
+    return policies.build("janus", tiny=True)
+
+
+@pytest.mark.parametrize("cfg_scale,top_k,top_p", [(5.0, 0, 1.0), (1.0, 0, 1.0), (3.0, 20, 0.9)])
+def test_static_cache_samples_exactly_what_the_dynamic_cache_samples(janus, cfg_scale, top_k, top_p):
+    """Same generator, left-padded prompts, groups of 3: identical tokens and log-probs (no torch.compile on CPU).
+    The first and last cases have the same shapes, so the last one also runs on the reused cache."""
+    knobs = dict(cfg_scale=cfg_scale, top_k=top_k, top_p=top_p)
+    dynamic = janus.sample(PROMPTS, 3, generator=torch.Generator().manual_seed(7), **knobs)
+    janus.static_cache = True
+    try:
+        static = janus.sample(PROMPTS, 3, generator=torch.Generator().manual_seed(7), **knobs)
+    finally:
+        janus.static_cache = False
+    assert torch.equal(static.completion_ids, dynamic.completion_ids)
+    torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(static.prompt_ids, dynamic.prompt_ids)
+    # and the rows are really different samples (the comparison is not between constant sequences)
+    assert not torch.equal(static.completion_ids[0], static.completion_ids[1])
+
+
+def test_compile_option_falls_back_to_eager_on_cpu(janus, caplog):
+    policy = policies.build("janus", tiny=True, compile_decode=True)
+    assert policy.static_cache and policy.compile_decode
+    rollout = policy.sample(PROMPTS[:1], 2, cfg_scale=5.0, generator=torch.Generator().manual_seed(0))
+    reference = janus.sample(PROMPTS[:1], 2, cfg_scale=5.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(rollout.completion_ids, reference.completion_ids)
+    assert "compile_decode needs CUDA" in caplog.text
+
+
+def test_generate_baseline_uses_the_same_distribution(janus):
+    """With top_k=1 both loops are greedy: transformers' `generate` and `policy.sample` must pick the same codes
+    (one unpadded prompt, where generate's arange positions equal ours), so the benchmark compares like with like."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.rollout import janus_generate, janus_two_pass_sample
+    finally:
+        sys.path.remove(str(ROOT))
+    settings = SamplingSettings(cfg_scale=5.0, top_k=1)
+    ours = janus.sample(PROMPTS[1:], 2, cfg_scale=5.0, top_k=1).completion_ids
+    theirs = janus_generate(janus, PROMPTS[1:], 2, settings, seed=0)
+    assert torch.equal(ours, theirs)
+    two_passes = janus_two_pass_sample(janus, PROMPTS[1:], 2, settings, None)
+    assert torch.equal(ours, two_passes)
+
+
+def _run_script(name: str, args: list[str], monkeypatch, capsys) -> list[str]:
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    runpy.run_path(str(ROOT / "benchmarks" / name), run_name="__main__")
+    return capsys.readouterr().out.strip().splitlines()
+
+
+@pytest.mark.parametrize("family,methods", [
+    ("janus", ("generate", "sample", "sample_static", "sample_prefill_per_sample", "sample_cfg_two_passes")),
+    ("emu3", ("generate", "sample", "sample_prefill_per_sample")),
+    ("blip3o_next", ("generate", "sample", "sample_prefill_per_sample")),
+])
+def test_rollout_benchmark_runs_and_prints_its_speedup(family, methods, monkeypatch, capsys):
+    cfg = "1" if family == "blip3o_next" else "3"
+    lines = _run_script("rollout.py", ["--policy", family, "--tiny", "--batch", "2", "--group", "2", "--cfg", cfg,
+                                       "--repeats", "1", "--ablations"], monkeypatch, capsys)
+    table = "\n".join(lines)
+    for method in methods:
+        assert re.search(rf"^{method} +\d+\.\d+ ", table, re.M), method
+    assert re.fullmatch(r"speedup_vs_generate=\d+\.\d\d", lines[-1])
+
+
+def test_grpo_step_benchmark_runs_and_prints_its_split(monkeypatch, capsys):
+    lines = _run_script("grpo_step.py", ["--policy", "janus", "--tiny", "--group", "2", "--prompts", "1",
+                                         "--steps", "1"], monkeypatch, capsys)
+    table = "\n".join(lines)
+    for part in ("sample", "decode", "reward", "scoring_forward", "backward", "optimizer"):
+        assert re.search(rf"^{part} +\d+\.\d+ ", table, re.M), part
+    assert re.fullmatch(r"step_seconds=\d+\.\d\d", lines[-1])
+
+
+def test_real_sizes_that_do_not_fit_are_refused_with_a_clear_message():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.common import check_fits
+    finally:
+        sys.path.remove(str(ROOT))
+    with pytest.raises(SystemExit, match="refusing to build janus Janus-Pro-7B.*GiB"):
+        check_fits(10**15, "cpu", "janus Janus-Pro-7B in torch.bfloat16")
+    check_fits(10**6, "cpu", "a small model")  # fits: no exit
+
+
+def test_scoring_memory_benchmark_runs_and_chunks_score_the_same(monkeypatch, capsys):
+    """Tiny head: the script itself checks that the chunked restricted head gives the unchunked log-probs."""
+    lines = _run_script("scoring_memory.py", ["--rows", "2", "--tokens", "64", "--hidden", "32", "--vocab", "2000",
+                                              "--image-vocab", "500", "--chunk", "16"], monkeypatch, capsys)
+    assert re.fullmatch(r"restricted_over_full_memory=\d+\.\d\d", lines[-1])
+
+
+@pytest.mark.parametrize("family,cfg_scale", [("emu3", 3.0), ("blip3o_next", 1.0)])
+def test_other_families_generate_baselines_use_the_same_distribution(family, cfg_scale):
+    """With top_k=1, `generate` (Emu3: prefix constraint + unbatched CFG; BLIP3o-NEXT: plain, no CFG as released)
+    and `policy.sample` pick the same tokens on left-padded prompts, so the baseline samples what the policy does."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.rollout import FAMILIES
+    finally:
+        sys.path.remove(str(ROOT))
+    policy = policies.build(family, tiny=True)
+    settings = SamplingSettings(cfg_scale=cfg_scale, top_k=1)
+    ours = policy.sample(PROMPTS, 2, cfg_scale=cfg_scale, top_k=1).completion_ids
+    theirs = FAMILIES[family].generate(policy, PROMPTS, 2, settings, 0)
+    assert torch.equal(ours, theirs)
+
+
+def test_static_cache_with_think_then_draw_contexts():
+    """Per-sample contexts (prompt + its own plan): the static path still samples what the dynamic one does."""
+    from policies.plan import PlanSettings
+
+    policy = policies.build("janus", tiny=True)
+    policy.set_plan(PlanSettings(max_tokens=6))
+    dynamic = policy.sample(PROMPTS, 3, cfg_scale=5.0, generator=torch.Generator().manual_seed(1))
+    policy.static_cache = True
+    static = policy.sample(PROMPTS, 3, cfg_scale=5.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(static.completion_ids, dynamic.completion_ids)
+    torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=1e-5, rtol=0)

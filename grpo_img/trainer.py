@@ -106,40 +106,20 @@ def grpo_step(
             rows = [torch.arange(start_row, start_row + micro, device=device)
                     for start_row in range(window * micro * config.gradient_accumulation_steps,
                                            (window + 1) * micro * config.gradient_accumulation_steps, micro)]
-            window_tokens = accelerator.reduce(action_mask[torch.cat(rows)].sum().float(), "sum").item()
-            norm = LossNormalizer(sequences=float(micro * config.gradient_accumulation_steps),
-                                  tokens=window_tokens / accelerator.num_processes,
-                                  micro_batches=config.gradient_accumulation_steps,
-                                  completion_length=rollout.completion_ids.shape[1])
-            window_loss = torch.zeros((), device=device)
-            for index in rows:
-                part = rollout.select(index)
-                mask = action_mask[index]
-                with accelerator.autocast():
-                    logprobs, entropy = policy.token_logprobs(part, config.cfg_mode, return_entropy=True)
-                logprobs = logprobs.float()
-                loss, stats = grpo_loss(
-                    logprobs, old_logprobs[index] if needs_old else logprobs.detach(), advantages[index], mask,
-                    loss_type=config.loss_type, norm=norm, epsilon=config.epsilon, epsilon_high=config.epsilon_high,
-                    beta=config.beta, ref_logprobs=ref_logprobs[index] if ref_logprobs is not None else None)
-                accelerator.backward(loss)
-                window_loss += loss.detach()
-                for key in ("kl_sum", "clipped_sum", "tokens"):
-                    sums[key] += stats[key].item()
-                sums["entropy_sum"] += (entropy * mask).sum().item()
-                sums["gap_sum"] += ((logprobs.detach() - part.logprobs).abs() * mask).sum().item()
-            finite = torch.isfinite(accelerator.reduce(window_loss, "sum")).item()
+            window_loss = window_backward(policy, rollout, rows, action_mask, advantages, old_logprobs,
+                                          ref_logprobs, config, accelerator, sums)
+            # every process takes the same decision, so that the all-reduce below is entered by all or by none
+            total_loss = accelerator.reduce(window_loss, "sum")
+            finite = torch.isfinite(total_loss).item()
             if finite:
-                for p in params:  # explicit gradient all-reduce: the policy calls its submodules directly
-                    if p.grad is not None and accelerator.num_processes > 1:
-                        p.grad = accelerator.reduce(p.grad, "mean")
+                sync_gradients(params, accelerator)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 finite = bool(torch.isfinite(grad_norm))
             if finite:
                 optimizer.step()
                 scheduler.step()
                 updates += 1
-                sums["loss"] += window_loss.item()
+                sums["loss"] += total_loss.item() / accelerator.num_processes  # the loss of all processes' window
                 sums["grad_norm"] += grad_norm.item()
             else:
                 skipped += 1
@@ -189,6 +169,77 @@ def grpo_step(
         metrics[f"reward/{part}"] = float(torch.nanmean(values))
     metrics["reward_per_prompt"] = per_prompt
     return metrics, rollout, images, reward_values
+
+
+def window_backward(policy: Policy, rollout: Rollout, rows: list[torch.Tensor], action_mask: torch.Tensor,
+                    advantages: torch.Tensor, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
+                    config: GRPOImgConfig, accelerator: Accelerator, sums: dict) -> torch.Tensor:
+    """Forward and backward over one optimizer window (the micro-batches `rows` of this process's rollout).
+
+    Returns this process's share of the window's loss (detached); gradients accumulate in the parameters' .grad.
+    The normaliser counts the window over all processes (see `LossNormalizer`), so that after `sync_gradients`
+    averages the gradients, they equal those of one process holding every process's samples.
+    """
+    micro = len(rows[0])
+    window_tokens = accelerator.reduce(action_mask[torch.cat(rows)].sum().float(), "sum").item()
+    norm = LossNormalizer(sequences=float(micro * len(rows)), tokens=window_tokens / accelerator.num_processes,
+                          micro_batches=len(rows), completion_length=rollout.completion_ids.shape[1])
+    window_loss = torch.zeros((), device=action_mask.device)
+    for index in rows:
+        part = rollout.select(index)
+        mask = action_mask[index]
+        with accelerator.autocast():
+            logprobs, entropy = policy.token_logprobs(part, config.cfg_mode, return_entropy=True)
+        logprobs = logprobs.float()
+        loss, stats = grpo_loss(
+            logprobs, old_logprobs[index] if old_logprobs is not None else logprobs.detach(), advantages[index],
+            mask, loss_type=config.loss_type, norm=norm, epsilon=config.epsilon, epsilon_high=config.epsilon_high,
+            beta=config.beta, ref_logprobs=ref_logprobs[index] if ref_logprobs is not None else None)
+        accelerator.backward(loss)
+        window_loss += loss.detach()
+        for key in ("kl_sum", "clipped_sum", "tokens"):
+            sums[key] += stats[key].item()
+        sums["entropy_sum"] += (entropy * mask).sum().item()
+        sums["gap_sum"] += ((logprobs.detach() - part.logprobs).abs() * mask).sum().item()
+    return window_loss
+
+
+def sync_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Average gradients over processes. Explicit, because policies call their submodules directly (the
+    language model, the image head, ...), so a DDP wrapper's backward hooks would never fire. Every process
+    must call this with the same parameter list; a parameter without a gradient on this process (not reached by
+    its samples) takes part with zeros so that the collective calls stay matched."""
+    if accelerator.num_processes == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad = accelerator.reduce(p.grad, "mean")
+
+
+def check_distributed_type(accelerator: Accelerator) -> None:
+    """Refuse set-ups that would shard the model: see README, "Many processes"."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise NotImplementedError(
+            f"accelerate is configured for {accelerator.distributed_type.value}, which this trainer does not support "
+            "yet: it never passes the model through accelerator.prepare (policies call their submodules directly, "
+            "so a wrapper's forward hooks, which FSDP and ZeRO-3 need to gather sharded weights, would not run), "
+            "and DeepSpeed also needs its engine for backward and the optimizer step. Use a DDP config "
+            "(configs/accelerate/ddp.yaml, multi_node_ddp.yaml) instead; see README, 'Many processes'.")
+
+
+def broadcast_trainable(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Copy process 0's trainable weights to every process. All processes seed identically, so this changes
+    nothing when the policy builds deterministically; it guards against a policy whose set-up does not."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
 
 
 def score_with_isolation(reward_fn: Reward, images, prompts, metadata) -> tuple[torch.Tensor, int]:
@@ -241,6 +292,7 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     """Run GRPO as configured; returns the output directory."""
     use_bf16 = config.bf16 if config.bf16 is not None else torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+    check_distributed_type(accelerator)
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -253,6 +305,7 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     reward_fn = rewards.build_composite(config.rewards)
     policy = setup_policy(config, accelerator.device)
     adapter_params, head_params = policy.trainable_parameters()
+    broadcast_trainable(adapter_params + head_params, accelerator)
     log.info("policy %s: %d trainable parameters of %d", config.policy,
              sum(p.numel() for p in adapter_params + head_params), sum(p.numel() for p in policy.model.parameters()))
     param_groups = [{"params": adapter_params, "lr": config.learning_rate},

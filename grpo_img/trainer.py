@@ -327,14 +327,19 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     metrics_log = MetricsLog(output_dir, config.report_to_tensorboard, resume_step=start_step if resume else None) \
         if accelerator.is_main_process else None
 
+    evaluation = setup_evaluation(config) if accelerator.is_main_process else None
     progress = tqdm(total=config.max_steps, initial=start_step, desc="GRPO", disable=not accelerator.is_main_process)
     for step in range(start_step, config.max_steps):
         batch = schedule.at_step(step)
         metrics, rollout, images, reward_values = grpo_step(step, policy, reward_fn, batch, optimizer, scheduler,
                                                             config, accelerator, state)
         done = step + 1
+        evaluate_now = bool(config.eval_steps) and (done % config.eval_steps == 0 or done == config.max_steps)
         if accelerator.is_main_process:
-            if done % config.logging_steps == 0 or done == config.max_steps:
+            if evaluate_now:  # on the main process only; the others wait at the next collective
+                with accelerator.autocast():
+                    metrics.update(run_evaluation(policy, evaluation, config))
+            if done % config.logging_steps == 0 or done == config.max_steps or evaluate_now:
                 metrics_log.log(metrics)
             if config.image_log_steps and (done % config.image_log_steps == 0 or done == 1):
                 save_image_grid(output_dir, done, images, rollout, reward_values, config.num_generations)
@@ -358,6 +363,34 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
         plot_reward_curve(read_metrics(output_dir), output_dir / "reward_curve.png")
         log.info("done: adapter in %s, reward curve in %s", output_dir / "adapter", output_dir / "reward_curve.png")
     return output_dir
+
+
+def setup_evaluation(config: GRPOImgConfig):
+    """The held-out benchmark for eval_steps (None when evaluation is off)."""
+    if not config.eval_steps:
+        return None
+    from grpo_img.evaluate import reward_benchmark
+
+    return reward_benchmark(config.eval_rewards or config.rewards, load_prompts(config.eval_prompts,
+                                                                                 config.prompt_column))
+
+
+def run_evaluation(policy: Policy, benchmark, config: GRPOImgConfig) -> dict:
+    """eval/METRIC (mean over all images) and, with several tasks, eval/TASK/METRIC. Same seed at every
+    evaluation, so the curve compares the policy on the same draws of noise."""
+    from grpo_img.evaluate import Sampling, evaluate
+
+    start = time.perf_counter()
+    report = evaluate(policy, benchmark, None, num_images=config.eval_num_images,
+                      prompts_per_batch=max(1, config.per_device_train_batch_size // config.eval_num_images),
+                      sampling=Sampling(config.cfg_scale, config.temperature, config.top_k, config.top_p),
+                      seed=config.seed, progress=False)
+    metrics = {f"eval/{key}": value for key, value in report["image_means"].items()}
+    if len(report["tasks"]) > 1:
+        for task, means in report["tasks"].items():
+            metrics.update({f"eval/{task}/{key}": value for key, value in means.items()})
+    metrics["eval_seconds"] = time.perf_counter() - start
+    return metrics
 
 
 def save_image_grid(output_dir: Path, step: int, images, rollout: Rollout, reward_values, group_size: int) -> None:

@@ -206,15 +206,24 @@ def window_backward(policy: Policy, rollout: Rollout, rows: list[torch.Tensor], 
 
 def sync_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
     """Average gradients over processes. Explicit, because policies call their submodules directly (the
-    language model, the image head, ...), so a DDP wrapper's backward hooks would never fire. Every process
-    must call this with the same parameter list; a parameter without a gradient on this process (not reached by
-    its samples) takes part with zeros so that the collective calls stay matched."""
+    language model, the image head, ...), so a DDP wrapper's backward hooks would never fire.
+
+    One all-reduce over a flat buffer of every gradient (a per-tensor all-reduce would be hundreds of small calls
+    for a LoRA adapter). A parameter that got a gradient on some processes but not on others takes part with zeros
+    there; one that got none anywhere keeps no gradient, as in a single process."""
     if accelerator.num_processes == 1:
         return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        p.grad = accelerator.reduce(p.grad, "mean")
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=accelerator.device)
+    has_grad = accelerator.reduce(has_grad, "sum") > 0
+    synced = [p for p, flag in zip(params, has_grad.tolist()) if flag]
+    if not synced:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in synced])
+    flat = accelerator.reduce(flat, "mean")
+    offset = 0
+    for p in synced:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+        offset += p.numel()
 
 
 def check_distributed_type(accelerator: Accelerator) -> None:

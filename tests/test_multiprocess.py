@@ -47,3 +47,16 @@ def test_two_processes_match_one_process(tmp_path):
     assert all(torch.equal(first[n], second[n]) for n in first)
     moved = [n for n in first if not torch.equal(first[n], ranks[0]["initial"][n])]
     assert any("lora" in n for n in moved) and len(moved) > 10
+
+
+def test_sharding_set_ups_are_refused_with_the_reason():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from grpo_img.trainer import check_distributed_type
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(NotImplementedError, match="accelerator.prepare"):
+            check_distributed_type(SimpleNamespace(distributed_type=kind))
+    check_distributed_type(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))

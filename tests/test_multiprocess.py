@@ -60,3 +60,13 @@ def test_sharding_set_ups_are_refused_with_the_reason():
         with pytest.raises(NotImplementedError, match="accelerator.prepare"):
             check_distributed_type(SimpleNamespace(distributed_type=kind))
     check_distributed_type(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+
+
+@pytest.mark.parametrize("name", ["ddp", "multi_node_ddp", "multi_cpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.num_processes >= 2
+    if name.startswith("deepspeed"):
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])

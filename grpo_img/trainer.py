@@ -26,7 +26,7 @@ from grpo_img.data import PromptRecord, PromptSchedule, load_prompts
 from grpo_img.loss import LossNormalizer, group_advantages, grpo_loss
 from grpo_img.reporting import MetricsLog, image_grid, plot_reward_curve, read_metrics
 from policies.base import Policy, Rollout
-from rewards.base import Reward
+from rewards.base import Reward, score_isolated
 
 log = logging.getLogger("grpo_img")
 
@@ -167,6 +167,8 @@ def grpo_step(
     for part, scores in getattr(reward_fn, "last_parts", {}).items():
         values = torch.tensor(scores, dtype=torch.float32)
         metrics[f"reward/{part}"] = float(torch.nanmean(values))
+    for part, failures in getattr(reward_fn, "last_failures", {}).items():
+        metrics[f"reward_failures/{part}"] = failures
     metrics["reward_per_prompt"] = per_prompt
     return metrics, rollout, images, reward_values
 
@@ -252,32 +254,13 @@ def broadcast_trainable(params: list[torch.nn.Parameter], accelerator: Accelerat
 
 
 def score_with_isolation(reward_fn: Reward, images, prompts, metadata) -> tuple[torch.Tensor, int]:
-    """Rewards as a float tensor; if the batch call raises, score one by one and give failing samples NaN."""
-    try:
-        values = reward_fn(images, prompts, metadata)
-        scores = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
-        infinite = torch.isinf(scores)
-        if infinite.any():
-            log.warning("reward returned %d infinite value(s); those samples are treated as unscored",
-                        int(infinite.sum()))
-            scores[infinite] = math.nan
-        return scores, int(infinite.sum())
-    except Exception as batch_error:  # noqa: BLE001 - a reward model may fail in any way; we isolate it
-        log.warning("reward failed on the batch (%s: %s); scoring samples one by one",
-                    type(batch_error).__name__, batch_error)
-    values, failures = [], 0
-    for image, prompt, meta in zip(images, prompts, metadata):
-        try:
-            value = reward_fn([image], [prompt], [meta])[0]
-            value = math.nan if value is None else float(value)
-            if not math.isfinite(value):
-                raise ValueError(f"non-finite reward {value}")
-            values.append(value)
-        except Exception as error:  # noqa: BLE001
-            failures += 1
-            values.append(math.nan)
-            log.warning("reward failed on prompt %r: %s: %s", prompt, type(error).__name__, error)
-    return torch.tensor(values, dtype=torch.float32), failures
+    """Rewards as a float tensor, NaN where a sample has no score, and how many have none (see score_isolated)."""
+    scores, errors = score_isolated(reward_fn, images, prompts, metadata)
+    failures = sum(e is not None for e in errors)
+    if failures:
+        log.warning("%d of %d sample(s) unscored, left out of the loss; first reason: %s", failures, len(errors),
+                    next(e for e in errors if e is not None))
+    return torch.tensor(scores, dtype=torch.float32), failures
 
 
 def _score_all(policy: Policy, rollout: Rollout, cfg_mode: str, micro_batch: int) -> torch.Tensor:

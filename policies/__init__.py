@@ -9,7 +9,10 @@ from policies.base import Policy, Rollout, SamplingSettings
 
 # name -> "module:Class"; modules are imported on first use so that one family's heavy imports stay out of the others.
 REGISTRY: dict[str, str] = {
+    "chameleon": "policies.chameleon:ChameleonPolicy",
+    "emu3": "policies.emu3:Emu3Policy",
     "janus": "policies.janus:JanusPolicy",
+    "blip3o_next": "policies.blip3o_next:Blip3oNextPolicy",
 }
 
 

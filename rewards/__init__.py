@@ -9,6 +9,13 @@ from rewards.base import Reward, WeightedSum
 
 REGISTRY: dict[str, str] = {
     "color": "rewards.color:ColorReward",
+    "clip": "rewards.clip:CLIPScoreReward",
+    "pickscore": "rewards.pickscore:PickScoreReward",
+    "hpsv2": "rewards.hpsv2:HPSv2Reward",
+    "aesthetic": "rewards.aesthetic:AestheticReward",
+    "geneval": "rewards.geneval:GenEvalReward",
+    "ocr": "rewards.ocr:OCRReward",
+    "remote": "rewards.remote:RemoteReward",
 }
 
 

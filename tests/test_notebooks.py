@@ -54,3 +54,9 @@ def test_quickstart_shows_images_and_numbers():
     assert len(shown) >= 3  # the first samples, the reward plot, the last samples
     text = "".join(o.get("text", "") for o in outputs(notebook, "stream"))
     assert "trainable parameters:" in text and "'reward_mean':" in text and "images: 8 (" in text
+
+
+@pytest.mark.slow
+def test_reward_playground_shows_its_plots():
+    outputs_ = outputs(executed("reward_playground.ipynb"))
+    assert sum("image/png" in o.get("data", {}) for o in outputs_) >= 4  # three image grids and the histograms

@@ -28,6 +28,16 @@ def test_rollout_shapes_and_dtypes(tiny_policy):
     assert (rollout.prompt_mask[:, 0] == 0).any() and (rollout.prompt_mask[:, -1] == 1).all()
 
 
+def test_forced_tokens_have_logprob_zero(tiny_policy):
+    """Where action_mask is False the token was forced: log-prob 0 when sampled and when scored (both modes)."""
+    rollout = sample(tiny_policy)
+    forced = ~rollout.action_mask
+    with torch.no_grad():
+        for mode in ("mixture", "conditional"):
+            assert (tiny_policy.token_logprobs(rollout, mode)[forced] == 0).all()
+    assert (rollout.logprobs[forced] == 0).all()
+
+
 @pytest.mark.parametrize("cfg_scale,temperature,top_k,top_p", [
     (1.0, 1.0, 0, 1.0), (3.0, 1.0, 0, 1.0), (5.0, 0.7, 0, 1.0), (2.0, 1.3, 0, 1.0), (3.0, 1.0, 32, 0.9),
 ])

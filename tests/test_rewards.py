@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 import rewards
-from rewards.base import Reward
+from rewards.base import Reward, RewardContractError, RewardUnavailable, score_isolated
 from rewards.color import COLORS
 
 
@@ -45,3 +45,70 @@ def test_build_composite_from_config_entries():
     assert composite([solid("red")], ["a red image"], [{}]) == [2.0]
     with pytest.raises(ValueError, match="has no 'name'"):
         rewards.build_composite([{"weight": 1.0}])
+
+
+class FailsOn(Reward):
+    """Scores 1.0, raises on prompts containing `word`."""
+
+    def __init__(self, word):
+        self.word = word
+
+    def __call__(self, images, prompts, metadata):
+        if any(self.word in p for p in prompts):
+            raise RuntimeError(f"cannot score {self.word}")
+        return [1.0] * len(images)
+
+
+class Returns(Reward):
+    def __init__(self, values):
+        self.values = values
+
+    def __call__(self, images, prompts, metadata):
+        return self.values
+
+
+def test_a_failing_part_costs_only_its_samples_and_is_counted():
+    composite = rewards.WeightedSum({"a": (FailsOn("cat"), 1.0), "b": (FailsOn("dog"), 2.0)})
+    scores = composite([solid("red")] * 3, ["a cat", "a dog", "a car"], [{}] * 3)
+    assert math.isnan(scores[0]) and math.isnan(scores[1]) and scores[2] == 3.0
+    assert composite.last_failures == {"a": 1, "b": 1}
+    assert composite.last_parts["a"][1] == 1.0 and math.isnan(composite.last_parts["a"][0])
+
+
+@pytest.mark.parametrize("values, message", [
+    ([1.0], "returned 1 scores for 2 images"),
+    ([1.0, "0.5"], r"returned '0.5' \(str\) for sample 1"),
+    ([True, 1.0], r"returned True \(bool\) for sample 0"),
+    ([1.0, [0.5]], r"returned \[0.5\] \(list\)"),
+])
+def test_contract_breaches_are_a_clear_error_not_a_failure(values, message):
+    from grpo_img.trainer import score_with_isolation
+
+    composite = rewards.WeightedSum({"bad": (Returns(values), 1.0)})
+    with pytest.raises(RewardContractError, match=message):
+        composite([solid("red")] * 2, ["x", "y"], [{}, {}])
+    with pytest.raises(RewardContractError, match=message):
+        score_with_isolation(Returns(values), [solid("red")] * 2, ["x", "y"], [{}, {}])
+
+
+def test_numbers_of_any_kind_are_scores():
+    import numpy as np
+    import torch
+
+    scores, errors = score_isolated(Returns([np.float32(0.5), torch.tensor(0.25), 1, None, float("inf")]),
+                                    [solid("red")] * 5, ["x"] * 5, [{}] * 5)
+    assert scores[:3] == [0.5, 0.25, 1.0] and math.isnan(scores[3]) and math.isnan(scores[4])
+    assert errors[:3] == [None] * 3 and errors[3] and errors[4]
+
+
+def test_unavailable_reward_leaves_the_batch_unscored_without_retrying_each_sample():
+    class Down(Reward):
+        calls = 0
+
+        def __call__(self, images, prompts, metadata):
+            Down.calls += 1
+            raise RewardUnavailable("server down")
+
+    scores, errors = score_isolated(Down(), [solid("red")] * 4, ["x"] * 4, [{}] * 4)
+    assert all(math.isnan(s) for s in scores) and all("server down" in e for e in errors)
+    assert Down.calls == 1

@@ -161,5 +161,20 @@ def test_failing_reward_samples_are_isolated(tmp_path, monkeypatch, caplog):
     config = demo_config(tmp_path, max_steps=2, save_steps=0, rewards='[{"name": "failing"}]')
     metrics = read_metrics(train(config))
     assert all(m["reward_failures"] == 8 for m in metrics)  # the red group, 8 samples, each step
+    assert all(m["reward_failures/failing"] == 8 for m in metrics)  # counted per part of the composite
     assert all(m["reward_mean"] == 0.5 for m in metrics)
     assert "cannot score red" in caplog.text
+
+
+def test_unreachable_reward_server_stops_the_run_after_max_reward_failure_steps(tmp_path, caplog):
+    import socket
+
+    with socket.socket() as s:  # a free port: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    config = demo_config(tmp_path, max_steps=5, save_steps=0, max_reward_failure_steps=2,
+                         policy_options='{"tiny": true}',  # no palette fitting: nothing is learned here
+                         rewards=json.dumps([{"name": "remote", "url": url, "retries": 1, "backoff": 0.01}]))
+    with pytest.raises(RuntimeError, match="could not score any sample for 2 steps in a row"):
+        train(config)
+    assert "did not answer after 2 attempt(s)" in caplog.text

@@ -1,0 +1,621 @@
+"""Chameleon / Anole on transformers' `ChameleonForConditionalGeneration`, plus the VQGAN decoder transformers lacks.
+
+Release facts the code relies on (../shared/notes/models.md §3, §9):
+- Image tokens are BPE ids named `IMGIMG<digits spelled A-J>Z` (8192 codes, ids 4..8195 in the release); the codebook
+  index comes from the name (`model.model.vocabulary_mapping.bpe2img`), never from `id - 4`. BOI is `<racm3:break>`,
+  EOI `<eoss>`; Anole's text-to-image prompt is `[BOS] text <reserved08706>` (END-OF-TURN), then BOI, then exactly
+  grid*grid = 1024 image tokens (32x32, 512 px), then EOI.
+- `ChameleonForConditionalGeneration.forward` sets every image-token logit to finfo.min. We therefore run the decoder
+  stack (`model.model`) and apply the *image rows* of `lm_head` to the hidden states ourselves, so no
+  full-vocabulary logits are ever built at image positions (`image_logits`).
+- transformers has the VQ *encoder* only. `VQGANDecoder` is the taming-transformers decoder of Chameleon's image
+  tokenizer (conv_in, mid block with attention, up levels of num_res_blocks+1 resnet blocks with nearest x2 + conv
+  upsampling, GroupNorm-swish-conv_out), driven by the same `vq_config` as the encoder. It reuses transformers'
+  Chameleon VQ quantizer (codebook embedding), resnet and attention blocks, whose shapes and parameter names match
+  the release. Its weights come from the release's `tokenizer/vqgan.ckpt` (Lightning: `{"state_dict": ...}`).
+- Key mapping (release key -> our module): identical names for everything the decoder needs --
+  `quantize.embedding.weight`, `post_quant_conv.*`, `decoder.{conv_in,mid.*,up.<i>.block.<j>.*,up.<i>.attn.<j>.*,
+  up.<i>.upsample.conv.*,norm_out,conv_out}.*`; keys under `encoder.`, `quant_conv.` and `loss.` (encoder and
+  training losses) are not needed for decoding and are skipped. Any other key, a missing key or a shape mismatch is
+  an error that names it (`load_vqgan_decoder`).
+- Weights: `facebook/chameleon-7b` was released with image generation disabled (its image-token rows of the output
+  layer cannot draw). The default is Anole (`GAIR/Anole-7b-v0.1`, which retrained only those rows):
+  `ANOLE_HF_ID` is its transformers conversion (made with the converter of transformers PR #32013; the decoder keys
+  it also carries are unknown to upstream transformers and are ignored on load), and the decoder comes from the
+  original release's `tokenizer/vqgan.ckpt` (`ANOLE_VQGAN`, Chameleon's VQGAN unchanged). To convert the original
+  Meta-layout release yourself, run transformers' converter from its source tree (not shipped in the wheel):
+  `python src/transformers/models/chameleon/convert_chameleon_weights_to_hf.py --input_dir <GAIR/Anole-7b-v0.1
+  download> --model_size 7B --output_dir <dir>`, copy `tokenizer/vqgan.ckpt` into <dir>, and pass
+  `model_name_or_path=<dir>` (the converter drops decoder keys, which is why the decoder has its own file).
+- CFG as released (§9.3) mixes three contexts, l = u + s_img (i - u) + s_txt (f - i), with image-only context i
+  (BOS, BOI, EOI and image tokens only) and unconditional u = [BOS, BOI]. For a text-only prompt i == u, so the
+  release reduces *exactly* to l = u + s (f - u) with s = s_txt (3.0): that is what we sample and score. The
+  unconditional stream is the conditional sequence with every text token masked out of attention (positions from
+  the mask), which is [BOS, BOI, image tokens so far] -- the release's context, padding excluded from attention.
+- Anole samples at temperature 1.0 with top-p 0.9; our defaults keep top-p off (see SamplingSettings).
+
+Two modes:
+- `mode="t2i"` (default, for text-to-image RL): BOI is forced after the prompt; the completion is the grid*grid image
+  tokens, every one an action.
+- `mode="interleaved"`: the prompt is `[BOS] text <reserved08706>` and the policy writes text, may choose BOI (an
+  action), then exactly grid*grid image tokens (actions, restricted to image codes), then EOI (forced, action_mask
+  False), then text again until EOS or the end. The rollout is a fixed [N, T] with
+  T = text_tokens + grid*grid + 2; after EOS the row is padding (`extras["completion_mask"]` 0, action_mask False).
+  BOI may be chosen only while no image was opened and the image still fits (T - t >= grid*grid + 2); text steps
+  never see image tokens, EOI or pad. Text tokens are sampled from the conditional logits (no CFG, same temperature
+  and top-k/top-p) -- a simplification: the release uses a repetition penalty for text, which would make the scored
+  distribution depend on more than the prefix. A row that never opened an image decodes to a blank mid-grey image
+  (`image.info["no_image"] = True`), counted in `last_decode_missing` and logged; the reward scores that blank image
+  like any other, so opening no image is a choice with a consequence, not a masked-out sample.
+
+Deliberate difference from the release: positions come from the attention mask (`cumsum - 1`) in sampling and
+scoring, so left padding does not shift a prompt and its samples do not depend on the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from trl.trainer.utils import selective_log_softmax
+
+from policies.base import (
+    CfgMode,
+    Policy,
+    Rollout,
+    SamplingSettings,
+    check_cfg_mode,
+    entropy_of_logits,
+    position_ids_from_mask,
+    process_logits,
+    sample_from_logits,
+)
+
+log = logging.getLogger("grpo_img")
+
+ANOLE_HF_ID = "leloy/Anole-7b-v0.1-hf"
+ANOLE_VQGAN = ("GAIR/Anole-7b-v0.1", "tokenizer/vqgan.ckpt")
+VQGAN_FILENAME = "vqgan.ckpt"
+BOI_TOKEN, EOI_TOKEN, EOT_TOKEN = "<racm3:break>", "<eoss>", "<reserved08706>"
+MODES = ("t2i", "interleaved")
+
+# ----------------------------------------------------------------------------------------------------------------
+# The VQGAN decoder
+
+
+class _Upsample(nn.Module):
+    """Nearest x2 then a 3x3 conv (taming `Upsample(with_conv=True)`); key `upsample.conv.*`."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Decoder(nn.Module):
+    """taming-transformers `Decoder` (temb_ch 0, no tanh, give_pre_end False), module names as in the release."""
+
+    def __init__(self, config):
+        from transformers.models.chameleon.modeling_chameleon import (
+            ChameleonVQVAEEncoderAttnBlock as AttnBlock,
+            ChameleonVQVAEEncoderResnetBlock as ResnetBlock,
+        )
+
+        super().__init__()
+        mult = list(config.channel_multiplier)
+        levels = len(mult)
+        attn_resolutions = config.attn_resolutions or []
+        use_attn = config.attn_type == "vanilla"
+        block_in = config.base_channels * mult[-1]
+        resolution = config.resolution // 2 ** (levels - 1)
+        self.conv_in = nn.Conv2d(config.latent_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(config, block_in, block_in)
+        self.mid.attn_1 = AttnBlock(block_in) if use_attn else nn.Identity()
+        self.mid.block_2 = ResnetBlock(config, block_in, block_in)
+        up: list[nn.Module] = []
+        for level in reversed(range(levels)):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            block_out = config.base_channels * mult[level]
+            for _ in range(config.num_res_blocks + 1):
+                stage.block.append(ResnetBlock(config, block_in, block_out))
+                block_in = block_out
+                if use_attn and resolution in attn_resolutions:
+                    stage.attn.append(AttnBlock(block_in))
+            if level != 0:
+                stage.upsample = _Upsample(block_in)
+                resolution *= 2
+            up.insert(0, stage)  # stored as up[level]: up[levels - 1] runs first, as in the release
+        self.up = nn.ModuleList(up)
+        self.norm_out = nn.GroupNorm(num_groups=32, num_channels=block_in, eps=1e-6, affine=True)
+        self.conv_out = nn.Conv2d(block_in, config.out_channels if hasattr(config, "out_channels") else 3,
+                                  kernel_size=3, stride=1, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for level in reversed(range(len(self.up))):
+            stage = self.up[level]
+            for i, block in enumerate(stage.block):
+                h = block(h)
+                if len(stage.attn) > 0:
+                    h = stage.attn[i](h)
+            if level != 0:
+                h = stage.upsample(h)
+        h = self.norm_out(h)
+        return self.conv_out(h * torch.sigmoid(h))
+
+
+class VQGANDecoder(nn.Module):
+    """Codebook indices [B, grid*grid] (row-major) -> pixels [B, 3, H, W], about [-1, 1].
+
+    Submodules `quantize` (transformers' Chameleon quantizer: the codebook), `post_quant_conv` and `decoder` carry
+    the release's checkpoint names, so the key mapping is the identity on the keys the decoder needs.
+    """
+
+    def __init__(self, vq_config):
+        from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAEVectorQuantizer
+
+        super().__init__()
+        self.config = vq_config
+        self.quantize = ChameleonVQVAEVectorQuantizer(vq_config)
+        self.post_quant_conv = nn.Conv2d(vq_config.embed_dim, vq_config.latent_channels, 1)
+        self.decoder = _Decoder(vq_config)
+        self.grid = vq_config.resolution // 2 ** (len(vq_config.channel_multiplier) - 1)
+
+    def forward(self, codes: Tensor) -> Tensor:
+        if codes.shape[-1] != self.grid * self.grid:
+            raise ValueError(f"the decoder takes {self.grid}x{self.grid}={self.grid ** 2} codes per image, "
+                             f"got {codes.shape[-1]}")
+        z = self.quantize.embedding(codes).view(codes.shape[0], self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        return self.decoder(self.post_quant_conv(z))
+
+
+# Release-checkpoint keys that decoding does not need (the encoder side and the training losses).
+SKIPPED_RELEASE_PREFIXES = ("encoder.", "quant_conv.", "loss.")
+
+
+def release_key_to_module_key(key: str) -> str | None:
+    """The documented mapping from a `vqgan.ckpt` state-dict key to a `VQGANDecoder` key (None: not needed)."""
+    if key.startswith(SKIPPED_RELEASE_PREFIXES):
+        return None
+    return key  # decoder.*, post_quant_conv.*, quantize.embedding.weight keep their release names
+
+
+def save_vqgan_decoder(decoder: VQGANDecoder, path: str) -> None:
+    """Write the decoder in the release's layout (a Lightning-style `{"state_dict": ...}`), loadable by the release
+    code and by `load_vqgan_decoder`."""
+    state = {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
+    torch.save({"state_dict": state}, path)
+
+
+def load_vqgan_decoder(decoder: VQGANDecoder, path: str) -> VQGANDecoder:
+    """Load `vqgan.ckpt` (release layout) into `decoder`; missing, unexpected or mis-shaped keys raise, by name."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VQGAN checkpoint not found: {path}")
+    # weights_only: the release file loads this way (transformers' converter reads it so), and nothing else runs
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    state = raw["state_dict"] if isinstance(raw, dict) and "state_dict" in raw else raw
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state dict (got {type(state).__name__})")
+    expected = decoder.state_dict()
+    mapped, unexpected = {}, []
+    for key, value in state.items():
+        target = release_key_to_module_key(key)
+        if target is None:
+            continue
+        if target not in expected:
+            unexpected.append(key)
+            continue
+        if tuple(value.shape) != tuple(expected[target].shape):
+            raise ValueError(f"{path}: key {key!r} has shape {tuple(value.shape)}, the decoder built from vq_config "
+                             f"expects {tuple(expected[target].shape)}")
+        mapped[target] = value
+    missing = sorted(set(expected) - set(mapped))
+    if missing or unexpected:
+        raise KeyError(f"{path} does not match the VQGAN decoder: missing keys {missing[:8]}"
+                       f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all); unexpected keys "
+                       f"{sorted(unexpected)[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)")
+    decoder.load_state_dict(mapped, strict=True)
+    return decoder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The policy
+
+
+class ChameleonPolicy(Policy):
+    name = "chameleon"
+    # Language model only: the decoder layers' projections (the VQ encoder has no *_proj Linear layers, and the
+    # VQGAN decoder lives outside `model`).
+    lora_target_modules = (r".*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+                           r"|mlp\.(gate_proj|up_proj|down_proj))")
+    # The output layer holds the image head (its image rows; Anole retrained exactly those). Only rows that are
+    # scored receive gradients.
+    modules_to_save = ["lm_head"]
+
+    def __init__(self, model, tokenizer, decoder: VQGANDecoder, mode: str = "t2i", text_tokens: int = 32,
+                 decode_batch_size: int = 8):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if text_tokens < 1:
+            raise ValueError(f"text_tokens must be >= 1, got {text_tokens}")
+        self.model, self.tokenizer, self.decoder = model, tokenizer, decoder
+        self.mode, self.text_tokens, self.decode_batch_size = mode, text_tokens, decode_batch_size
+        tokenizer.padding_side = "left"
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in (BOI_TOKEN, EOI_TOKEN, EOT_TOKEN) if t not in vocab]
+        if missing or None in (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id):
+            raise ValueError(f"Chameleon tokenizer must define BOS, EOS, pad and {BOI_TOKEN}, {EOI_TOKEN}, "
+                             f"{EOT_TOKEN}; missing {missing}")
+        self.bos_id, self.pad_id, self.eos_id = tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.boi_id, self.eoi_id, self.eot_id = vocab[BOI_TOKEN], vocab[EOI_TOKEN], vocab[EOT_TOKEN]
+        mapping = model.model.vocabulary_mapping
+        image_ids = torch.tensor(mapping.image_tokens, dtype=torch.long)  # sorted BPE ids
+        codes = torch.tensor([mapping.bpe2img[i] for i in mapping.image_tokens], dtype=torch.long)
+        num_codes = decoder.config.num_embeddings
+        if len(image_ids) != num_codes or sorted(codes.tolist()) != list(range(num_codes)):
+            raise ValueError(f"the vocabulary has {len(image_ids)} IMGIMG tokens, the VQGAN {num_codes} codes")
+        vocab_size = model.config.vocab_size
+        self._image_ids = image_ids  # column j of the image head is BPE id image_ids[j]
+        self._bpe_to_code = torch.full((vocab_size,), -1, dtype=torch.long).index_put_((image_ids,), codes)
+        self._is_image = torch.zeros(vocab_size, dtype=torch.bool).index_fill_(0, image_ids, True)
+        # text steps may never produce image tokens, EOI or pad; BOI only where an image may still open
+        self._text_banned = self._is_image.clone()
+        self._text_banned[[self.eoi_id, self.pad_id]] = True
+        self.grid = decoder.grid
+        self.image_size = decoder.config.resolution
+        image_tokens = self.grid * self.grid
+        self.num_completion_tokens = image_tokens if mode == "t2i" else text_tokens + image_tokens + 2
+        self.last_decode_missing = 0
+
+    # -- loading ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        model_name_or_path: str | None = None,
+        tiny: bool = False,
+        dtype: str = "float32",
+        device: str | None = None,
+        mode: str = "t2i",
+        text_tokens: int = 32,
+        vqgan_path: str | None = None,
+        decode_batch_size: int = 8,
+        tiny_palette: list[str] | None = None,
+        seed: int = 0,
+    ) -> "ChameleonPolicy":
+        """Real weights by hub id or local path (default hub id: `ANOLE_HF_ID`), or (`tiny=True`) the same
+        architecture with random weights.
+
+        `vqgan_path`: the release's `vqgan.ckpt`. Default: `<model dir>/vqgan.ckpt` for a local directory (what
+        `save_pretrained` writes), else the Anole release's `tokenizer/vqgan.ckpt` from the hub.
+        `mode`: "t2i" (BOI forced after the prompt) or "interleaved" (text, optional BOI, image, text; `text_tokens`
+        text tokens in all). `tiny_palette` (tiny only): fit the random decoder so that code k paints
+        `tiny_palette[k % len]` (the demo's toy world; see policies/tiny.py).
+        """
+        from transformers import AutoTokenizer, ChameleonForConditionalGeneration
+
+        torch_dtype = getattr(torch, dtype)
+        if tiny == (model_name_or_path is not None):
+            raise ValueError("give exactly one of model_name_or_path=... (e.g. "
+                             f"{ANOLE_HF_ID!r}) or tiny=True")
+        if tiny:
+            torch.manual_seed(seed)
+            model, tokenizer = _tiny_chameleon()
+            decoder = VQGANDecoder(model.config.vq_config)
+            if vqgan_path is not None:
+                load_vqgan_decoder(decoder, vqgan_path)
+            elif tiny_palette:
+                from policies.tiny import fit_decoder_to_palette
+
+                fit_decoder_to_palette(decoder, decoder.parameters(), decoder.config.num_embeddings, decoder.grid,
+                                       tiny_palette, seed=seed)
+            model.to(torch_dtype)
+        else:
+            model = ChameleonForConditionalGeneration.from_pretrained(model_name_or_path, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+            decoder = VQGANDecoder(model.config.vq_config)
+            load_vqgan_decoder(decoder, vqgan_path or _default_vqgan_path(model_name_or_path))
+        model.requires_grad_(False)
+        model.eval()
+        decoder.requires_grad_(False)
+        decoder.eval()
+        policy = cls(model, tokenizer, decoder, mode=mode, text_tokens=text_tokens,
+                     decode_batch_size=decode_batch_size)
+        if device is not None:
+            policy.to(device)
+        return policy
+
+    def save_pretrained(self, path: str) -> None:
+        """LM + tokenizer (transformers layout) and the decoder as `vqgan.ckpt` in the release's layout."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        save_vqgan_decoder(self.decoder, os.path.join(path, VQGAN_FILENAME))
+
+    def to(self, device: torch.device | str) -> "ChameleonPolicy":
+        self.model.to(device)
+        self.decoder.to(device)
+        # the vocabulary lookups follow, so sampling does not copy them every step
+        for name in ("_image_ids", "_bpe_to_code", "_is_image", "_text_banned"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    # -- prompts ------------------------------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """`[BOS] text <reserved08706>` (+ BOI in t2i mode), left-padded. Special ids are appended as ids, not
+        spelled in text, so no tokenizer can split them."""
+        if not prompts:
+            raise ValueError("no prompts given")
+        tail = [self.eot_id] + ([self.boi_id] if self.mode == "t2i" else [])
+        rows = []
+        for prompt in prompts:
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            if not ids or ids[0] != self.bos_id:
+                ids = [self.bos_id] + ids
+            rows.append(ids + tail)
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        return ids.to(self.device), mask.to(self.device)
+
+    def unconditional_mask(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """The release's unconditional context as an attention mask over the same sequence: BOS, BOI, EOI and image
+        tokens only ([BOS, BOI, image so far] for a text prompt)."""
+        keep = (ids == self.bos_id) | (ids == self.boi_id) | (ids == self.eoi_id) | self._is_image.to(ids.device)[ids]
+        return mask * keep.long()
+
+    # -- heads --------------------------------------------------------------------------------------------------
+
+    def image_logits(self, hidden: Tensor) -> Tensor:
+        """Logits over the image codes only (column j = BPE id `_image_ids[j]`): the image rows of `lm_head`
+        applied to the hidden states, never the full vocabulary."""
+        weight = self.model.lm_head.weight  # peft's modules_to_save wrapper resolves this to the active copy
+        return nn.functional.linear(hidden, weight[self._image_ids.to(weight.device)])
+
+    def text_logits(self, hidden: Tensor, boi_allowed: Tensor) -> Tensor:
+        """Full-vocabulary logits for text steps, with image tokens, EOI, pad (and BOI where not allowed) at -inf."""
+        logits = self.model.lm_head(hidden).float()
+        banned = self._text_banned.to(logits.device).expand_as(logits).clone()
+        banned[:, self.boi_id] = ~boi_allowed
+        return logits.masked_fill(banned, float("-inf"))
+
+    def _boi_allowed(self, t: int | Tensor, opened_before: Tensor) -> Tensor:
+        """BOI is a choice only while no image was opened and the whole image plus EOI still fits."""
+        fits = (self.num_completion_tokens - t) >= self.grid * self.grid + 2
+        return ~opened_before & fits
+
+    def _hidden(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
+        out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                               use_cache=cache is not None)
+        return out.last_hidden_state
+
+    # -- sampling -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        group_size: int,
+        *,
+        cfg_scale: float = 3.0,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        from transformers import DynamicCache
+
+        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
+        text_settings = SamplingSettings(1.0, temperature, top_k, top_p)
+        ids, mask = self.encode_prompts(prompts)
+        n, steps, device = len(prompts) * group_size, self.num_completion_tokens, self.device
+        image_len = self.grid * self.grid
+        cfg = settings.uses_cfg
+        rows_ids = torch.cat([ids, ids]) if cfg else ids
+        rows_mask = torch.cat([mask, self.unconditional_mask(ids, mask)]) if cfg else mask
+
+        # Prefill each prompt once (conditional and unconditional rows), then share the cache across the group.
+        cache = DynamicCache(config=self.model.config)
+        hidden = self._hidden(rows_ids, rows_mask, position_ids_from_mask(rows_mask), cache)[:, -1]
+        cache.batch_repeat_interleave(group_size)
+        hidden = hidden.repeat_interleave(group_size, 0)
+        attn = rows_mask.repeat_interleave(group_size, 0)
+
+        tokens = torch.full((n, steps), self.pad_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(n, steps, dtype=torch.float32, device=device)
+        completion_mask = torch.zeros(n, steps, dtype=torch.long, device=device)
+        t2i = self.mode == "t2i"
+        in_image = torch.full((n,), t2i, dtype=torch.bool, device=device)  # inside an image span
+        image_count = torch.zeros(n, dtype=torch.long, device=device)
+        opened = torch.full((n,), t2i, dtype=torch.bool, device=device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        for t in range(steps):
+            cond = hidden[:n]
+            step_tokens = torch.full((n,), self.pad_id, dtype=torch.long, device=device)
+            step_lp = torch.zeros(n, dtype=torch.float32, device=device)
+            image_rows = in_image & (image_count < image_len)
+            eoi_rows = in_image & (image_count == image_len)
+            text_rows = ~in_image & ~done
+            if image_rows.any():
+                uncond = self.image_logits(hidden[n:][image_rows]) if cfg else None
+                code, lp = sample_from_logits(process_logits(self.image_logits(cond[image_rows]), uncond, settings),
+                                              generator)
+                step_tokens[image_rows], step_lp[image_rows] = self._image_ids.to(device)[code], lp
+            if text_rows.any():
+                allowed = self._boi_allowed(t, opened[text_rows])
+                logits = process_logits(self.text_logits(cond[text_rows], allowed), None, text_settings)
+                step_tokens[text_rows], step_lp[text_rows] = sample_from_logits(logits, generator)
+            step_tokens[eoi_rows] = self.eoi_id  # forced, log-prob 0
+            attended = ~done
+            tokens[:, t], logprobs[:, t], completion_mask[:, t] = step_tokens, step_lp, attended.long()
+
+            # bookkeeping of the row states
+            image_count = image_count + image_rows.long()
+            in_image = (in_image & ~eoi_rows) | (text_rows & (step_tokens == self.boi_id))
+            opened = opened | in_image
+            done = done | (text_rows & (step_tokens == self.eos_id))
+            if t + 1 == steps:
+                break
+            feed = step_tokens[:, None]
+            new_mask = attended.long()[:, None]
+            if cfg:
+                feed = torch.cat([feed, feed])
+                new_mask = torch.cat([new_mask, self.unconditional_mask(step_tokens[:, None], new_mask)])
+            attn = torch.cat([attn, new_mask], dim=1)
+            positions = position_ids_from_mask(attn)[:, -1:]
+            hidden = self._hidden(feed, attn, positions, cache)[:, -1]
+
+        return Rollout(
+            prompts=[p for p in prompts for _ in range(group_size)],
+            group_index=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
+            prompt_ids=ids.repeat_interleave(group_size, 0),
+            prompt_mask=mask.repeat_interleave(group_size, 0),
+            completion_ids=tokens,
+            action_mask=completion_mask.bool() & (tokens != self.eoi_id),
+            logprobs=logprobs,
+            sampling=settings,
+            extras={"completion_mask": completion_mask},
+        )
+
+    # -- scoring ------------------------------------------------------------------------------------------------
+
+    def token_logprobs(self, rollout: Rollout, cfg_mode: CfgMode = "mixture", return_entropy: bool = False):
+        check_cfg_mode(cfg_mode)
+        settings = rollout.sampling
+        text_settings = SamplingSettings(1.0, settings.temperature, settings.top_k, settings.top_p)
+        completion = rollout.completion_ids
+        n, steps = completion.shape
+        completion_mask = rollout.extras.get("completion_mask", torch.ones_like(completion))
+        seq = torch.cat([rollout.prompt_ids, completion[:, :-1]], dim=1)
+        cond_mask = torch.cat([rollout.prompt_mask, completion_mask[:, :-1].long()], dim=1)
+        start = rollout.prompt_ids.shape[1] - 1  # hidden state at start + t predicts completion token t
+        hidden = self._hidden(seq, cond_mask, position_ids_from_mask(cond_mask))[:, start:]
+
+        is_image = self._is_image.to(completion.device)[completion] & completion_mask.bool()
+        is_text = rollout.action_mask & ~is_image
+        logprobs = torch.zeros(n, steps, dtype=torch.float32, device=completion.device)
+        entropy = torch.zeros_like(logprobs)
+        if is_image.any():
+            uncond = None
+            if cfg_mode == "mixture" and settings.uses_cfg:
+                uncond_mask = self.unconditional_mask(seq, cond_mask)
+                hidden_u = self._hidden(seq, uncond_mask, position_ids_from_mask(uncond_mask))[:, start:]
+                uncond = self.image_logits(hidden_u[is_image])
+            processed = process_logits(self.image_logits(hidden[is_image]), uncond, settings)
+            codes = torch.searchsorted(self._image_ids.to(completion.device), completion[is_image])
+            logprobs = logprobs.index_put((is_image.nonzero(as_tuple=True)),
+                                          selective_log_softmax(processed, codes))
+            if return_entropy:
+                entropy[is_image] = entropy_of_logits(processed.detach())
+        if is_text.any():
+            is_boi = (completion == self.boi_id).long()
+            opened_before = (torch.cumsum(is_boi, 1) - is_boi) > 0  # a BOI strictly before this step
+            if self.mode == "t2i":
+                opened_before = torch.ones_like(opened_before)
+            step = torch.arange(steps, device=completion.device).expand(n, steps)
+            allowed = self._boi_allowed(step[is_text], opened_before[is_text])
+            processed = process_logits(self.text_logits(hidden[is_text], allowed), None, text_settings)
+            logprobs = logprobs.index_put((is_text.nonzero(as_tuple=True)),
+                                          selective_log_softmax(processed, completion[is_text]))
+            if return_entropy:
+                entropy[is_text] = entropy_of_logits(processed.detach())
+        if return_entropy:
+            return logprobs, entropy
+        return logprobs
+
+    # -- pixels -------------------------------------------------------------------------------------------------
+
+    def image_codes(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """Codebook indices [N, grid*grid] of each row's image span, and a bool [N]: did the row open an image."""
+        completion = rollout.completion_ids
+        image_len = self.grid * self.grid
+        n = completion.shape[0]
+        codes = torch.zeros(n, image_len, dtype=torch.long, device=completion.device)
+        has_image = torch.zeros(n, dtype=torch.bool, device=completion.device)
+        bpe_to_code = self._bpe_to_code.to(completion.device)
+        for row in range(n):
+            if self.mode == "t2i":
+                span, start = completion[row], 0
+            else:
+                boi = (completion[row] == self.boi_id).nonzero()
+                if len(boi) == 0:
+                    continue
+                start = int(boi[0]) + 1
+                span = completion[row, start:start + image_len]
+            row_codes = bpe_to_code[span]
+            if len(span) != image_len or (row_codes < 0).any():
+                raise ValueError(f"row {row}: the image span starting at {start} is not {image_len} image tokens")
+            codes[row], has_image[row] = row_codes, True
+        return codes, has_image
+
+    @torch.no_grad()
+    def decode(self, rollout: Rollout) -> list[Image.Image]:
+        codes, has_image = self.image_codes(rollout)
+        self.last_decode_missing = int((~has_image).sum())
+        if self.last_decode_missing:
+            log.info("chameleon: %d of %d samples opened no image; they get a blank grey image",
+                     self.last_decode_missing, len(has_image))
+        images: list[Image.Image] = []
+        decoder_device = next(self.decoder.parameters()).device
+        for chunk, present in zip(codes.split(self.decode_batch_size), has_image.split(self.decode_batch_size)):
+            pixels = torch.zeros(len(chunk), self.image_size, self.image_size, 3, dtype=torch.uint8)
+            if present.any():
+                decoded = self.decoder(chunk[present].to(decoder_device)).float().clamp(-1, 1)
+                # as released: (x + 1) / 2 * 255, truncated to uint8
+                pixels[present.cpu()] = ((decoded + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+            pixels[~present.cpu()] = 127
+            for p, ok in zip(pixels.numpy(), present.tolist()):
+                image = Image.fromarray(p)
+                if not ok:
+                    image.info["no_image"] = True
+                images.append(image)
+        return images
+
+
+def _default_vqgan_path(model_name_or_path: str) -> str:
+    if os.path.isdir(model_name_or_path):
+        path = os.path.join(model_name_or_path, VQGAN_FILENAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{model_name_or_path} has no {VQGAN_FILENAME}; copy the release's "
+                                    "tokenizer/vqgan.ckpt there or pass vqgan_path=...")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(ANOLE_VQGAN[0], ANOLE_VQGAN[1])
+
+
+def _image_token_name(code: int) -> str:
+    """The release's name of codebook entry `code`: IMGIMG + its decimal digits spelled A-J + Z."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def _tiny_chameleon(num_codes: int = 256):
+    """A ~0.3M-parameter ChameleonForConditionalGeneration: 64 image tokens (8x8 grid), 256 codes, 32 px images.
+
+    The vocabulary holds the release's special tokens and IMGIMG names; `vocabulary_map` is the tokenizer's vocab,
+    as in transformers' conversion of the release.
+    """
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    from policies.tiny import TINY_WORDS, word_level_tokenizer
+
+    specials = [BOI_TOKEN, EOI_TOKEN, EOT_TOKEN, "<image>"]
+    words = list(TINY_WORDS) + [_image_token_name(k) for k in range(num_codes)]
+    tokenizer = word_level_tokenizer(specials, words=words,
+                                     extra_special={"boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN,
+                                                    "image_token": "<image>"})
+    config = ChameleonConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, vocabulary_map=dict(tokenizer.get_vocab()),
+        vq_config=dict(embed_dim=16, num_embeddings=num_codes, latent_channels=16, resolution=32, base_channels=32,
+                       channel_multiplier=[1, 1, 1], num_res_blocks=1),
+    )
+    return ChameleonForConditionalGeneration(config), tokenizer

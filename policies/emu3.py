@@ -1,0 +1,425 @@
+"""Emu3-Gen (`BAAI/Emu3-Gen-hf`) on transformers' `Emu3ForConditionalGeneration`.
+
+Release facts the code relies on (baaivision/Emu3 `image_generation.py`, transformers `emu3`; notes §2, §9.4):
+- Prompt (mode "G", no chat template): BOS + text + `<|image start|>{H}*{W}<|image token|>`, built by
+  `Emu3Processor(return_for_image_generation=True, ratio="1:1", image_area=...)`, left-padded. The release appends
+  " masterpiece, film grained, best quality." to the user prompt (`prompt_suffix`, on by default).
+- Image tokens are BPE ids `<|visual token NNNNNN|>` (32768 codes, contiguous ids) that the text `lm_head` scores
+  like any other token. The completion is H rows of W visual tokens, each row closed by EOL `<|extra_200|>`, then
+  EOF `<|extra_201|>`, EOI `<|image end|>`, EOS (`<|extra_204|>`): H (W + 1) + 3 tokens. The release enforces this
+  with a prefix-constrained logits processor; here the structural tokens are forced the same way: they are not
+  sampled, their log-prob is 0 (a point mass) and `action_mask` is False on them, so they never enter the loss.
+- Size: the grid is round(side / 8) per axis (VQ spatial factor 8). Emu3-Gen's default area 720x720 gives 90x90
+  = 8193 tokens per image; RL here defaults to 512 px (Emu3's stage-1 resolution): 64x64 grid, 4163 tokens
+  (4096 free choices + 64 EOL + 3 trailer tokens).
+- CFG as released: a negative prompt run as its own sequence with its own KV cache (unbatched CFG), and the guided
+  distribution s (log_softmax c - log_softmax u) + log_softmax u. We normalise both rows with log_softmax and hand
+  them to `process_logits`, which then applies the same u + s (c - u), temperature, top-k and top-p in sampling and
+  scoring alike. The release samples with top_k 2048; the policy leaves top-k to the run config.
+
+Deliberate choices:
+- The negative prompt carries the image header (`negative_prompt_header=True`), as BAAI's release builds it (both
+  prompts go through the same processor call); transformers' docs example leaves the header out. Set
+  `negative_prompt_header=False` for the docs' variant. The negative prompt ids used in sampling are stored in the
+  rollout (`extras`), so scoring always uses exactly the negative rows the samples were drawn with.
+- Restricted-vocabulary head: at image positions only the 32768 visual-token rows of `lm_head.weight` are applied
+  to the final hidden states (a slice, no copy), so full-vocabulary (~184k) logits are never materialised; the
+  distribution is the release's one (its prefix constraint also allows only visual tokens there).
+- Positions come from the attention mask (cumsum - 1), in sampling and scoring, as Emu3's `generate` does.
+- Scoring runs the transformer once per row set (conditional, negative) and then applies the head in chunks of
+  `score_chunk_size` positions, each chunk under activation checkpointing when gradients are on, so only the hidden
+  states are kept for backward and the [N, chunk, 32768] logits exist one chunk at a time.
+- No image head is trained in full (`modules_to_save` is empty): the visual rows live inside the ~184k-row
+  `lm_head` (0.75B parameters at 8B), and peft's modules_to_save would copy and train all of it (Adam states
+  included) to move 32768 rows. LoRA on the language model moves the hidden states that those rows read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from policies.base import (
+    CfgMode,
+    Policy,
+    Rollout,
+    SamplingSettings,
+    check_cfg_mode,
+    entropy_of_logits,
+    position_ids_from_mask,
+    process_logits,
+    sample_from_logits,
+)
+
+RELEASE_NEGATIVE_PROMPT = (
+    "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst quality, "
+    "low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry."
+)
+RELEASE_PROMPT_SUFFIX = " masterpiece, film grained, best quality."
+EOL_TOKEN, EOF_TOKEN = "<|extra_200|>", "<|extra_201|>"
+VQ_SPATIAL_FACTOR = 8  # Emu3Processor.downsample_ratio: pixels per token side, used to size the grid
+DEFAULT_RESOLUTION = 512  # 64x64 grid, 4163 completion tokens
+# Weight init of the tiny text model. With the default 0.02 the visual rows of a random lm_head are so short that no
+# hidden state (RMS-normed) can favour one colour's codes by more than ~0.1 nat: LoRA-only GRPO has nothing to move.
+TINY_INIT_STD = 0.2
+POLICY_SETTINGS_FILE = "emu3_policy.json"  # the prompt/size settings, written next to the weights
+TINY_RESOLUTION = 32  # 4x4 grid, 23 completion tokens (8 px images from the tiny decoder)
+RELEASE_SETTINGS = {"resolution": DEFAULT_RESOLUTION, "negative_prompt": RELEASE_NEGATIVE_PROMPT,
+                    "negative_prompt_header": True, "prompt_suffix": RELEASE_PROMPT_SUFFIX}
+
+
+def _saved_settings(model_name_or_path: str | None) -> dict:
+    """Settings a local folder written by `save_pretrained` carries (none for a hub id or a plain checkpoint)."""
+    if model_name_or_path is None or not (Path(model_name_or_path) / POLICY_SETTINGS_FILE).is_file():
+        return {}
+    saved = json.loads((Path(model_name_or_path) / POLICY_SETTINGS_FILE).read_text())
+    unknown = set(saved) - set(RELEASE_SETTINGS)
+    if unknown:
+        raise ValueError(f"{POLICY_SETTINGS_FILE} in {model_name_or_path} has unknown keys {sorted(unknown)}")
+    return saved
+
+
+class Emu3Policy(Policy):
+    name = "emu3"
+    # Only the text model has *_proj layers that take part in generation; the regex keeps the VQ model out.
+    lora_target_modules = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    modules_to_save: list[str] = []  # see the module docstring
+
+    def __init__(
+        self,
+        model,
+        processor,
+        resolution: int = DEFAULT_RESOLUTION,
+        negative_prompt: str = RELEASE_NEGATIVE_PROMPT,
+        negative_prompt_header: bool = True,
+        prompt_suffix: str = RELEASE_PROMPT_SUFFIX,
+        decode_batch_size: int = 8,
+        score_chunk_size: int = 1024,
+    ):
+        self.model = model
+        self.processor = processor
+        self.negative_prompt = negative_prompt
+        self.negative_prompt_header = negative_prompt_header
+        self.prompt_suffix = prompt_suffix
+        self.decode_batch_size = decode_batch_size
+        if score_chunk_size < 1:
+            raise ValueError(f"score_chunk_size must be >= 1, got {score_chunk_size}")
+        self.score_chunk_size = score_chunk_size
+        tokenizer = processor.tokenizer
+        tokenizer.padding_side = "left"
+
+        # Grid and image size, computed as the processor computes the header it writes.
+        if resolution < VQ_SPATIAL_FACTOR:
+            raise ValueError(f"resolution must be >= {VQ_SPATIAL_FACTOR} px, got {resolution}")
+        self.resolution = resolution
+        self.image_area = resolution * resolution
+        self.height, self.width = processor.calculate_generate_size("1:1", self.image_area, VQ_SPATIAL_FACTOR)
+        self.image_size = self.width * model.model.vqmodel.spatial_scale_factor
+
+        # Structural tokens, resolved by name.
+        def token_id(token: str) -> int:
+            index = tokenizer.convert_tokens_to_ids(token)
+            if index is None or index == tokenizer.unk_token_id:
+                raise ValueError(f"Emu3 tokenizer lacks the token {token!r}")
+            return index
+
+        self.eol_id, self.eof_id = token_id(EOL_TOKEN), token_id(EOF_TOKEN)
+        self.eoi_id = token_id(tokenizer.eoi_token)
+        # EOS as the model is configured (`<|extra_204|>` in the release), which is what the release's layout ends with
+        self.eos_id = model.config.text_config.eos_token_id
+        if not isinstance(self.eos_id, int):
+            raise ValueError(f"expected one EOS id in the Emu3 text config, got {self.eos_id!r}")
+
+        # Visual tokens: code k is BPE id visual_start + k (checked, the restricted head relies on it).
+        img2bpe = model.vocabulary_mapping.img2bpe
+        self.num_codes = model.config.vq_config.codebook_size
+        ids = [img2bpe.get(k) for k in range(self.num_codes)]
+        if None in ids or ids != list(range(ids[0], ids[0] + self.num_codes)):
+            raise ValueError(f"expected {self.num_codes} visual tokens with contiguous ids in the vocabulary map")
+        self.visual_start = ids[0]
+
+        # The completion layout: H rows of (W codes, EOL), then EOF, EOI, EOS. forced_tokens is -1 where free.
+        row = [-1] * self.width + [self.eol_id]
+        layout = torch.tensor(row * self.height + [self.eof_id, self.eoi_id, self.eos_id], dtype=torch.long)
+        self.forced_tokens = layout
+        self.free_positions = (layout < 0).nonzero().squeeze(-1)
+        self.num_completion_tokens = layout.numel()
+
+    # -- loading ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        model_name_or_path: str | None = None,
+        tiny: bool = False,
+        dtype: str = "float32",
+        device: str | None = None,
+        resolution: int | None = None,
+        negative_prompt: str | None = None,
+        negative_prompt_header: bool | None = None,
+        prompt_suffix: str | None = None,
+        decode_batch_size: int = 8,
+        score_chunk_size: int = 1024,
+        tiny_palette: list[str] | None = None,
+        seed: int = 0,
+    ) -> "Emu3Policy":
+        """Real weights by hub id or local path, or (`tiny=True`) the same architecture with random weights.
+
+        `resolution`: image side in pixels (square); default 512 (4163 tokens), tiny 32 (4x4 grid, 23 tokens).
+        `negative_prompt`, `negative_prompt_header`, `prompt_suffix`: default to the release's (see module docs).
+        Options left at None are taken from a folder written by `save_pretrained` (POLICY_SETTINGS_FILE) when there
+        is one, so a saved policy samples as it did before saving.
+        `tiny_palette` (tiny only): fit the random VQ decoder so that code k paints `tiny_palette[k % len]`.
+        """
+        from transformers import Emu3ForConditionalGeneration, Emu3Processor
+
+        torch_dtype = getattr(torch, dtype)
+        if tiny == (model_name_or_path is not None):
+            raise ValueError("give exactly one of model_name_or_path=... or tiny=True")
+        if tiny:
+            torch.manual_seed(seed)
+            model, processor = _tiny_emu3()
+            resolution = resolution or TINY_RESOLUTION
+            if tiny_palette:
+                from policies.tiny import fit_decoder_to_palette
+
+                vq = model.model.vqmodel
+                grid = round(resolution / VQ_SPATIAL_FACTOR)
+                fit_decoder_to_palette(lambda codes: vq.decode(codes.view(-1, grid, grid)), vq.parameters(),
+                                       vq.config.codebook_size, grid, tiny_palette, steps=200, lr=1e-2, seed=seed)
+            model.to(torch_dtype)
+        else:
+            model = Emu3ForConditionalGeneration.from_pretrained(model_name_or_path, dtype=torch_dtype)
+            processor = Emu3Processor.from_pretrained(model_name_or_path)
+        model.requires_grad_(False)
+        model.eval()
+        given = {"resolution": resolution, "negative_prompt": negative_prompt,
+                 "negative_prompt_header": negative_prompt_header, "prompt_suffix": prompt_suffix}
+        settings = {**RELEASE_SETTINGS, **_saved_settings(model_name_or_path),
+                    **{k: v for k, v in given.items() if v is not None}}
+        policy = cls(model, processor, **settings, decode_batch_size=decode_batch_size,
+                     score_chunk_size=score_chunk_size)
+        if device is not None:
+            policy.to(device)
+        return policy
+
+    def save_pretrained(self, path: str) -> None:
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+        settings = {"resolution": self.resolution, "negative_prompt": self.negative_prompt,
+                    "negative_prompt_header": self.negative_prompt_header, "prompt_suffix": self.prompt_suffix}
+        (Path(path) / POLICY_SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+
+    # -- prompts ------------------------------------------------------------------------------------------------
+
+    def _encode(self, texts: list[str], with_header: bool) -> tuple[Tensor, Tensor]:
+        if with_header:
+            batch = self.processor(text=texts, return_for_image_generation=True, ratio="1:1",
+                                   image_area=self.image_area, padding=True, return_tensors="pt")
+            if [list(s) for s in batch["image_sizes"]] != [[self.height, self.width]] * len(texts):
+                raise RuntimeError(f"processor header {batch['image_sizes'][0]} != grid {self.height}x{self.width}")
+        else:
+            batch = self.processor(text=texts, padding=True, return_tensors="pt")
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """BOS + prompt (+ release suffix) + image header, left-padded."""
+        if not prompts:
+            raise ValueError("no prompts given")
+        return self._encode([p + self.prompt_suffix for p in prompts], with_header=True)
+
+    def encode_negative_prompt(self) -> tuple[Tensor, Tensor]:
+        """[1, Q]: BOS + negative prompt (+ the image header when `negative_prompt_header`)."""
+        return self._encode([self.negative_prompt], with_header=self.negative_prompt_header)
+
+    # -- the AR model -------------------------------------------------------------------------------------------
+
+    def _text_model(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
+        return self.model.model.text_model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            use_cache=cache is not None,
+        ).last_hidden_state
+
+    def image_logits(self, hidden: Tensor) -> Tensor:
+        """Logits over the codebook [..., K]: only the visual-token rows of lm_head (column k = code k)."""
+        weight = self.model.lm_head.weight[self.visual_start : self.visual_start + self.num_codes]
+        return F.linear(hidden, weight)
+
+    def _guided_logits(self, cond_hidden: Tensor, neg_hidden: Tensor | None, settings: SamplingSettings) -> Tensor:
+        """The sampled distribution at image positions, from final hidden states: release CFG on log-softmaxes."""
+        cond = torch.log_softmax(self.image_logits(cond_hidden).float(), dim=-1)
+        neg = torch.log_softmax(self.image_logits(neg_hidden).float(), dim=-1) if neg_hidden is not None else None
+        return process_logits(cond, neg, settings)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        group_size: int,
+        *,
+        cfg_scale: float = 3.0,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        from transformers import DynamicCache
+
+        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
+        ids, mask = self.encode_prompts(prompts)
+        neg_ids, neg_mask = self.encode_negative_prompt()
+        n = len(prompts) * group_size
+
+        # Prefill each prompt once (and the negative prompt once), then share the caches across the rows.
+        rows = [(ids, mask, group_size)]
+        if settings.uses_cfg:
+            rows.append((neg_ids, neg_mask, n))
+        streams = []  # per row set: [cache, attention mask, next position, last hidden]
+        for row_ids, row_mask, repeat in rows:
+            cache = DynamicCache(config=self.model.config.text_config)
+            positions = position_ids_from_mask(row_mask)
+            hidden = self._text_model(row_ids, row_mask, positions, cache)[:, -1]
+            cache.batch_repeat_interleave(repeat)
+            streams.append([cache, row_mask.repeat_interleave(repeat, 0), positions[:, -1:].repeat_interleave(
+                repeat, 0) + 1, hidden.repeat_interleave(repeat, 0)])
+
+        forced = self.forced_tokens.to(self.device)
+        last_free = int(self.free_positions[-1])
+        tokens = forced.repeat(n, 1)
+        logprobs = torch.zeros(n, self.num_completion_tokens, dtype=torch.float32, device=self.device)
+        for t in range(last_free + 1):
+            if forced[t] < 0:  # a free choice among the codes
+                logits = self._guided_logits(streams[0][3], streams[1][3] if settings.uses_cfg else None, settings)
+                codes, logprobs[:, t] = sample_from_logits(logits, generator)
+                tokens[:, t] = codes + self.visual_start
+            if t == last_free:
+                break  # the rest is forced and predicts nothing we need
+            for stream in streams:
+                cache, attn, position, _ = stream
+                attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
+                stream[3] = self._text_model(tokens[:, t : t + 1], attn, position, cache)[:, -1]
+                stream[1], stream[2] = attn, position + 1
+
+        return Rollout(
+            prompts=[p for p in prompts for _ in range(group_size)],
+            group_index=torch.arange(len(prompts), device=self.device).repeat_interleave(group_size),
+            prompt_ids=ids.repeat_interleave(group_size, 0),
+            prompt_mask=mask.repeat_interleave(group_size, 0),
+            completion_ids=tokens,
+            action_mask=(forced < 0).repeat(n, 1),
+            logprobs=logprobs,
+            sampling=settings,
+            extras={"negative_ids": neg_ids.expand(n, -1).clone(), "negative_mask": neg_mask.expand(n, -1).clone()},
+        )
+
+    def _check_layout(self, completion_ids: Tensor) -> None:
+        forced = self.forced_tokens.to(completion_ids.device)
+        if completion_ids.shape[1] != forced.numel():
+            raise ValueError(f"completion has {completion_ids.shape[1]} tokens, this policy's layout "
+                             f"({self.height}x{self.width}) has {forced.numel()}")
+        free = forced < 0
+        codes = completion_ids[:, free] - self.visual_start
+        if not (completion_ids[:, ~free] == forced[~free]).all() or ((codes < 0) | (codes >= self.num_codes)).any():
+            raise ValueError("completion does not follow the Emu3 layout (visual tokens, EOL per row, EOF EOI EOS)")
+
+    def _free_hidden(self, prefix_ids: Tensor, prefix_mask: Tensor, completion_ids: Tensor) -> Tensor:
+        """Teacher forcing: final hidden states [N, F, D] that predict the free (visual) positions."""
+        last_free = int(self.free_positions[-1])
+        previous = completion_ids[:, :last_free]
+        ids = torch.cat([prefix_ids, previous], dim=1)
+        mask = torch.cat([prefix_mask, prefix_mask.new_ones(previous.shape)], dim=1)
+        hidden = self._text_model(ids, mask, position_ids_from_mask(mask))
+        # the hidden state at position P-1+t predicts completion token t
+        return hidden[:, prefix_ids.shape[1] - 1 + self.free_positions.to(hidden.device)]
+
+    def token_logprobs(self, rollout: Rollout, cfg_mode: CfgMode = "mixture", return_entropy: bool = False):
+        check_cfg_mode(cfg_mode)
+        settings = rollout.sampling
+        self._check_layout(rollout.completion_ids)
+        with_neg = cfg_mode == "mixture" and settings.uses_cfg
+        cond_hidden = self._free_hidden(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids)
+        neg_hidden = None
+        if with_neg:
+            neg_hidden = self._free_hidden(rollout.extras["negative_ids"], rollout.extras["negative_mask"],
+                                           rollout.completion_ids)
+        codes = rollout.completion_ids[:, self.free_positions.to(cond_hidden.device)] - self.visual_start
+
+        def head(cond_chunk: Tensor, neg_chunk: Tensor | None, code_chunk: Tensor) -> tuple[Tensor, Tensor]:
+            logits = self._guided_logits(cond_chunk, neg_chunk, settings)
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, code_chunk[..., None]).squeeze(-1)
+            return logp, entropy_of_logits(logits.detach())
+
+        parts, entropies = [], []
+        for start in range(0, codes.shape[1], self.score_chunk_size):
+            chunk = slice(start, start + self.score_chunk_size)
+            args = (cond_hidden[:, chunk], neg_hidden[:, chunk] if with_neg else None, codes[:, chunk])
+            if torch.is_grad_enabled():  # keep only hidden states for backward; logits are recomputed per chunk
+                logp, entropy = checkpoint(head, *args, use_reentrant=False)
+            else:
+                logp, entropy = head(*args)
+            parts.append(logp)
+            entropies.append(entropy)
+
+        n, t = rollout.completion_ids.shape
+        free = self.free_positions.to(cond_hidden.device)
+        logprobs = torch.zeros(n, t, dtype=torch.float32, device=cond_hidden.device).index_copy(1, free,
+                                                                                                torch.cat(parts, 1))
+        if return_entropy:
+            entropy = torch.zeros(n, t, dtype=torch.float32, device=cond_hidden.device)
+            return logprobs, entropy.index_copy(1, free, torch.cat(entropies, 1).detach())
+        return logprobs
+
+    @torch.no_grad()
+    def decode(self, rollout: Rollout) -> list[Image.Image]:
+        self._check_layout(rollout.completion_ids)
+        images = []
+        for chunk in rollout.completion_ids.split(self.decode_batch_size):
+            pixels = self.model.decode_image_tokens(image_tokens=chunk, height=self.height, width=self.width)
+            pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [B, 3, H, W]
+            images.extend(Image.fromarray(p) for p in pixels.permute(0, 2, 3, 1).cpu().numpy())
+        return images
+
+
+def _tiny_emu3():
+    """A tiny Emu3ForConditionalGeneration (~0.35M parameters), 256 codes.
+
+    Its VQ decoder upsamples by 2 (the release: 8), so the tiny default grid of 4x4 (resolution 32) decodes to 8 px
+    images: a deeper decoder makes the palette fit (tiny_palette) several times slower.
+    """
+    from tokenizers import processors
+    from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3Processor
+
+    from policies.tiny import word_level_tokenizer
+
+    codes = 256
+    visual = [f"<|visual token {k:06d}|>" for k in range(codes)]
+    specials = [EOL_TOKEN, EOF_TOKEN, "<|image start|>", "<|image end|>", "<|image token|>", "<image>",
+                *"0123456789*", *visual]
+    tokenizer = word_level_tokenizer(
+        specials, bos="<|extra_203|>", eos="<|extra_204|>", pad="<|endoftext|>",
+        extra_special={"image_token": "<image>", "boi_token": "<|image start|>", "eoi_token": "<|image end|>",
+                       "image_wrapper_token": "<|image token|>", "eof_token": EOF_TOKEN},
+    )
+    # The released (GPT-style) tokenizer adds no BOS; Emu3Processor writes it into the text.
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
+    config = Emu3Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0,
+                         initializer_range=TINY_INIT_STD,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id),
+        vq_config=dict(codebook_size=codes, embed_dim=4, latent_channels=4, base_channels=32, hidden_size=32,
+                       channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[],
+                       temporal_downsample_factor=1),
+        vocabulary_map=tokenizer.get_vocab(),
+        initializer_range=TINY_INIT_STD,
+    )
+    model = Emu3ForConditionalGeneration(config)
+    processor = Emu3Processor(image_processor=Emu3ImageProcessor(), tokenizer=tokenizer)
+    return model, processor

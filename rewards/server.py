@@ -1,0 +1,170 @@
+"""Serve any registered reward over HTTP: `python -m rewards.server --reward NAME --options JSON --port P`.
+
+Why: a reward whose dependencies clash with the trainer's (Flow-GRPO runs GenEval's mmdet in its own env) or that
+needs its own GPU runs as a separate process; the trainer calls it through the "remote" reward (rewards/remote.py)
+like a local one.
+
+Wire format (deliberate deviation from Flow-GRPO's `reward-server`, shared/notes/rewards.md §5, which unpickles
+request bodies, so that anyone who can reach its port can run code on it): JSON only, never pickle.
+- `POST /score`, `Content-Type: application/json`:
+  `{"images": [base64 PNG or JPEG bytes], "prompts": [str], "metadata": [object]}` (equal lengths).
+- 200: `{"scores": [number | null], "errors": [str | null]}`; a sample whose reward raised (or returned no
+  score) has `null` and the reason, the other samples are scored (rewards.base.score_isolated).
+- 400 malformed JSON/fields/images (or one over 4096x4096 pixels), 411 no Content-Length, 413 body over
+  --max-bytes, 415 not JSON, 404 unknown path, 500 the reward broke its contract (wrong count, non-numbers). The
+  server keeps serving after any of them.
+- `GET /health`: `{"reward": NAME, "requests": n, "samples": n}` (counts of answered /score calls).
+Requests are handled in threads but the reward is called under a lock: reward models are rarely thread-safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import io
+import json
+import logging
+import math
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from PIL import Image
+
+import rewards
+from rewards.base import Reward, RewardContractError, score_isolated
+
+log = logging.getLogger("rewards.server")
+
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+MAX_PIXELS = 4096 * 4096
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def encode_image(image: Image.Image, image_format: str = "png") -> str:
+    """PNG (lossless: remote scores equal local ones) or JPEG (smaller, what Flow-GRPO sends), as base64 text."""
+    if image_format not in ("png", "jpeg"):
+        raise ValueError(f"image_format must be 'png' or 'jpeg', not {image_format!r}")
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=image_format.upper())
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_request(body: bytes) -> tuple[list[Image.Image], list[str], list[dict]]:
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadRequest(f"body is not JSON: {error}") from None
+    if not isinstance(request, dict) or not {"images", "prompts", "metadata"} <= set(request):
+        raise BadRequest("body must be an object with 'images', 'prompts' and 'metadata'")
+    images, prompts, metadata = request["images"], request["prompts"], request["metadata"]
+    if not all(isinstance(x, list) for x in (images, prompts, metadata)) or not \
+            len(images) == len(prompts) == len(metadata):
+        raise BadRequest("'images', 'prompts' and 'metadata' must be lists of equal length")
+    if not all(isinstance(p, str) for p in prompts) or not all(isinstance(m, dict) for m in metadata):
+        raise BadRequest("prompts must be strings and metadata objects")
+    decoded = []
+    for i, data in enumerate(images):
+        try:
+            image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+            if image.format not in ("PNG", "JPEG"):
+                raise BadRequest(f"image {i} is {image.format}, not PNG or JPEG")
+            if image.width * image.height > MAX_PIXELS:  # a small PNG can decode to gigabytes
+                raise BadRequest(f"image {i} is {image.width}x{image.height}, over {MAX_PIXELS} pixels")
+            decoded.append(image.convert("RGB"))
+        except BadRequest:
+            raise
+        except (binascii.Error, TypeError, ValueError, OSError, Image.DecompressionBombError) as error:
+            raise BadRequest(f"image {i} is not base64 PNG/JPEG: {type(error).__name__}: {error}") from None
+    return decoded, prompts, metadata
+
+
+class RewardServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], reward: Reward, reward_name: str,
+                 max_bytes: int = DEFAULT_MAX_BYTES):
+        super().__init__(address, RewardHandler)
+        self.reward, self.reward_name, self.max_bytes = reward, reward_name, max_bytes
+        self.lock = threading.Lock()
+        self.requests = self.samples = 0
+
+
+class RewardHandler(BaseHTTPRequestHandler):
+    server: RewardServer
+
+    def do_GET(self):
+        if self.path != "/health":
+            return self._reply(404, {"error": f"unknown path {self.path!r}; use POST /score or GET /health"})
+        self._reply(200, {"reward": self.server.reward_name, "requests": self.server.requests,
+                          "samples": self.server.samples})
+
+    def do_POST(self):
+        if self.path != "/score":
+            return self._reply(404, {"error": f"unknown path {self.path!r}; use POST /score"})
+        if self.headers.get_content_type() != "application/json":
+            return self._reply(415, {"error": "Content-Type must be application/json (never pickle)"})
+        try:
+            length = int(self.headers["Content-Length"])
+        except (TypeError, ValueError):
+            return self._reply(411, {"error": "a Content-Length header is required"})
+        if length < 0 or length > self.server.max_bytes:
+            return self._reply(413, {"error": f"body of {length} bytes is over the {self.server.max_bytes} limit; "
+                                              "send smaller batches"})
+        try:
+            images, prompts, metadata = decode_request(self.rfile.read(length))
+        except BadRequest as error:
+            return self._reply(400, {"error": str(error)})
+        try:
+            with self.server.lock:
+                scores, errors = score_isolated(self.server.reward, images, prompts, metadata,
+                                                f"reward {self.server.reward_name!r}")
+                self.server.requests += 1
+                self.server.samples += len(images)
+        except RewardContractError as error:
+            return self._reply(500, {"error": f"RewardContractError: {error}"})
+        self._reply(200, {"scores": [s if math.isfinite(s) else None for s in scores], "errors": errors})
+
+    def _reply(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.close_connection = True  # an unread (refused) body must not be parsed as the next request
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        log.info("%s %s", self.address_string(), format % args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reward", required=True, help=f"one of: {', '.join(rewards.available())}")
+    parser.add_argument("--options", default="{}", help="the reward's options as a JSON object")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    parser.add_argument("--port", type=int, default=18085, help="0 picks a free port (printed on start)")
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body accepted")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    options = json.loads(args.options)
+    if not isinstance(options, dict):
+        parser.error("--options must be a JSON object")
+    reward = rewards.build(args.reward, **options)
+    server = RewardServer((args.host, args.port), reward, args.reward, args.max_bytes)
+    host, port = server.server_address[:2]
+    print(f"serving reward {args.reward!r} on http://{host}:{port}", flush=True)  # tests wait for this line
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,200 @@
+"""BLIP3o-NEXT specifics: the whole tiny path (AR tokens -> hidden states -> connector -> Sana Euler/CFG -> DC-AE),
+reproducible decoding, the restricted image-token head, the release checkpoint layout, and a GRPO run that learns.
+The contract suite (tests/test_policy_contract.py) runs on it too."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import policies
+from conftest import reward_rise, run_tiny_grpo
+from policies.blip3o_next import flow_sigmas
+
+PROMPTS = ["a red image", "a photo of two dogs next to a blue car on the left"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return policies.build("blip3o_next", tiny=True, seed=1)
+
+
+def sample(policy, group_size=2, seed=0, **settings):
+    return policy.sample(PROMPTS, group_size, generator=torch.Generator().manual_seed(seed), **settings)
+
+
+def test_whole_path_on_cpu(tiny):
+    rollout = sample(tiny)
+    t = tiny.num_completion_tokens
+    # actions are image tokens only (restricted by default)
+    ids = rollout.completion_ids
+    assert ids.shape == (4, t) and ((ids >= tiny.image_start) & (ids < tiny.image_start + tiny.codebook_size)).all()
+    # the prompt ends with <im_start><S0>
+    assert rollout.prompt_ids[:, -2:].tolist() == [[tiny.ids["image_start_tag_id"],
+                                                    tiny.ids["scale_start_token_id"]]] * 4
+    with torch.no_grad():
+        hidden = tiny.decoder_hidden_states(rollout.prompt_ids, rollout.prompt_mask, ids)
+        condition = tiny.decoder.connector(hidden)
+    assert hidden.shape == (4, t + 1, tiny.model.config.hidden_size)  # <S0> + every image token
+    assert condition.shape == (4, t + 1, tiny.decoder.sana.config.caption_channels)
+    assert tiny.diffusion_steps == 2
+    images = tiny.decode(rollout)
+    assert [im.size for im in images] == [(tiny.image_size, tiny.image_size)] * 4 and tiny.image_size == 32
+    assert len({im.tobytes() for im in images}) == 4
+
+
+def test_decoding_is_reproducible_and_seeded_per_row(tiny):
+    rollout = sample(tiny)
+    first, again = tiny.decode(rollout), tiny.decode(rollout)
+    assert [im.tobytes() for im in first] == [im.tobytes() for im in again]
+    # micro-batching does not change a row's image
+    tiny.decode_batch_size, batch_size = 1, tiny.decode_batch_size
+    try:
+        assert [im.tobytes() for im in tiny.decode(rollout)] == [im.tobytes() for im in first]
+    finally:
+        tiny.decode_batch_size = batch_size
+    reseeded = rollout.select(torch.arange(len(rollout)))
+    reseeded.extras = {"decode_seed": rollout.extras["decode_seed"] + 1}
+    assert all(a.tobytes() != b.tobytes() for a, b in zip(first, tiny.decode(reseeded)))
+    # a rollout sampled with the same generator gets the same seeds, a different one different seeds
+    assert torch.equal(sample(tiny).extras["decode_seed"], rollout.extras["decode_seed"])
+    assert not torch.equal(sample(tiny, seed=9).extras["decode_seed"], rollout.extras["decode_seed"])
+    no_seed = rollout.select(torch.arange(1))
+    no_seed.extras = {}
+    with pytest.raises(ValueError, match="decode_seed"):
+        tiny.decode(no_seed)
+
+
+def test_restricted_head_is_the_image_rows_of_lm_head(tiny):
+    hidden = torch.randn(3, tiny.model.config.hidden_size)
+    with torch.no_grad():
+        full = tiny.model.lm_head(hidden)
+        restricted = tiny._image_logits(hidden)
+    assert restricted.shape == (3, tiny.codebook_size)
+    assert torch.allclose(restricted, full[:, tiny.image_start : tiny.image_start + tiny.codebook_size], atol=1e-6)
+
+
+def test_full_vocabulary_option_samples_and_scores_like_the_release(tiny):
+    policy = policies.build("blip3o_next", tiny=True, seed=1, restrict_to_image_tokens=False)
+    rollout = sample(policy, group_size=3, cfg_scale=2.0)
+    with torch.no_grad():
+        scored = policy.token_logprobs(rollout)
+    assert (scored - rollout.logprobs).abs().max() <= 1e-4
+    # a random model puts most of its mass outside the 64 image ids: the option really is unrestricted
+    outside = (rollout.completion_ids < policy.image_start) | (rollout.completion_ids >= policy.image_start + 64)
+    assert outside.any()
+    assert len(policy.decode(rollout)) == len(rollout)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_euler_loop_matches_diffusers_flow_match_scheduler(tiny, shift):
+    """Our loop = FlowMatchEulerDiscreteScheduler with the release's sigmas (linspace(1, 1/n, n)), CFG on the
+    velocity against the connector's zero condition."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    decoder, steps, scale = tiny.decoder, 3, 2.0
+    hidden = torch.randn(2, 5, tiny.model.config.hidden_size)
+    noise = torch.randn(2, *decoder.latent_shape)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps))
+    assert np.allclose(scheduler.sigmas.numpy(), flow_sigmas(steps, shift), atol=1e-6)
+    with torch.no_grad():
+        context = decoder.connector(torch.cat([torch.zeros_like(hidden), hidden]))
+        latents = noise.clone()
+        for t in scheduler.timesteps:
+            v = decoder.sana(hidden_states=torch.cat([latents] * 2), encoder_hidden_states=context,
+                             timestep=t.expand(4), return_dict=False)[0]
+            null, cond = v.chunk(2)
+            latents = scheduler.step(null + scale * (cond - null), t, latents, return_dict=False)[0]
+        expected = decoder.vae.decode(latents / decoder.vae.config.scaling_factor, return_dict=False)[0]
+        ours = decoder(hidden, noise, scale, steps, shift)
+    assert torch.allclose(ours, expected, atol=1e-4)
+
+
+def write_release_checkpoint(policy, folder, sana_repo, drop_key=None):
+    """A tiny checkpoint as the release lays it out: one state dict (Qwen keys, model.sana.*, model.sana_vae.*,
+    model.diffusion_connector.*, plus TA-Tok / vae_connector weights that text-to-image does not use), config.json
+    with the release's fields, tokenizer files; the Sana/DC-AE configs live in a separate diffusers-style repo."""
+    folder.mkdir()
+    state = dict(policy.model.state_dict())
+    for prefix, module in (("model.sana.", policy.decoder.sana), ("model.sana_vae.", policy.decoder.vae),
+                           ("model.diffusion_connector.", policy.decoder.connector)):
+        state.update({prefix + k: v for k, v in module.state_dict().items()})
+    state["model.vision_tower.vision_tower.embeddings.weight"] = torch.zeros(4, 4)
+    state["model.vae_connector.0.weight"] = torch.zeros(4, 4)
+    if drop_key:
+        state.pop(drop_key)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    config = policy.model.config.to_dict()
+    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]  # transformers 4.x field names, as released
+    config.update({"architectures": ["blip3oQwenForInferenceLM"], "model_type": "blip3o_qwen", "rope_scaling": None,
+                   "diffusion_name_or_path": str(sana_repo), "mm_vision_tower": "TA-Tok/ta_tok.pth",
+                   **policy.ids,
+                   # tiny sizes; a release config lacks these and gets 729 tokens from a 65536-code book
+                   "blip3o_tokens_per_image": policy.num_completion_tokens,
+                   "blip3o_codebook_size": policy.codebook_size})
+    (folder / "config.json").write_text(json.dumps(config))
+    policy.tokenizer.save_pretrained(str(folder))
+    policy.decoder.sana.save_config(str(sana_repo / "transformer"))
+    policy.decoder.vae.save_config(str(sana_repo / "vae"))
+
+
+def test_release_layout_checkpoint_loads_through_the_real_loader(tiny, tmp_path):
+    write_release_checkpoint(tiny, tmp_path / "ckpt", tmp_path / "sana_repo")
+    loaded = policies.build("blip3o_next", model_name_or_path=str(tmp_path / "ckpt"), diffusion_steps=2)
+    assert loaded.diffusion_guidance_scale == 2.0 and loaded.diffusion_name_or_path == str(tmp_path / "sana_repo")
+    rollout = sample(tiny, cfg_scale=3.0)
+    assert torch.equal(sample(loaded, cfg_scale=3.0).completion_ids, rollout.completion_ids)
+    with torch.no_grad():
+        assert torch.allclose(loaded.token_logprobs(rollout), tiny.token_logprobs(rollout), atol=1e-6)
+    assert [im.tobytes() for im in loaded.decode(rollout)] == [im.tobytes() for im in tiny.decode(rollout)]
+    # and our own layout written from it round-trips without the Sana repo
+    loaded.save_pretrained(str(tmp_path / "ours"))
+    (tmp_path / "sana_repo" / "transformer" / "config.json").unlink()
+    again = policies.build("blip3o_next", model_name_or_path=str(tmp_path / "ours"))
+    assert again.diffusion_steps == 2
+    assert [im.tobytes() for im in again.decode(rollout)] == [im.tobytes() for im in tiny.decode(rollout)]
+
+
+def test_loader_names_what_is_missing(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_release_checkpoint(tiny, tmp_path / "no_norm", tmp_path / "repo1",
+                             drop_key="model.diffusion_connector.3.weight")
+    with pytest.raises(KeyError, match="diffusion connector"):
+        policies.build("blip3o_next", model_name_or_path=str(tmp_path / "no_norm"))
+    write_release_checkpoint(tiny, tmp_path / "no_sana", tmp_path / "repo2")
+    with pytest.raises(OSError, match="diffusion_name_or_path"):
+        policies.build("blip3o_next", model_name_or_path=str(tmp_path / "no_sana"),
+                       diffusion_name_or_path=str(tmp_path / "missing_sana_copy"))
+    config = json.loads((tmp_path / "no_sana" / "config.json").read_text())
+    del config["scale_start_token_id"]
+    (tmp_path / "no_sana" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(KeyError, match="scale_start_token_id"):
+        policies.build("blip3o_next", model_name_or_path=str(tmp_path / "no_sana"))
+    # a tied head (Qwen3-1.7B ties lm_head to the embedding) may be absent from the state dict
+    write_release_checkpoint(tiny, tmp_path / "tied", tmp_path / "repo3", drop_key="lm_head.weight")
+    config = json.loads((tmp_path / "tied" / "config.json").read_text())
+    (tmp_path / "tied" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tied = policies.build("blip3o_next", model_name_or_path=str(tmp_path / "tied"))
+    assert tied.model.lm_head.weight is tied.model.model.embed_tokens.weight
+    assert torch.equal(tied.model.lm_head.weight, tiny.model.model.embed_tokens.weight)
+    write_release_checkpoint(tiny, tmp_path / "untied", tmp_path / "repo4", drop_key="lm_head.weight")
+    with pytest.raises(KeyError, match="lm_head.weight"):
+        policies.build("blip3o_next", model_name_or_path=str(tmp_path / "untied"))
+    with pytest.raises(OSError, match="cannot find BLIP3o-NEXT checkpoint"):
+        policies.build("blip3o_next", model_name_or_path="BLIP3o/not-a-real-checkpoint-id")
+
+
+@pytest.mark.slow
+def test_grpo_on_the_colour_toy_world_raises_the_reward(tmp_path):
+    """The toy world: `tiny_palette` fits the tiny decoder so that token k paints colour k % 3; AR-side CFG 5
+    isolates the prompt's contribution (as in the Janus demo); lm_head's image rows learn at a higher rate."""
+    metrics = run_tiny_grpo(
+        tmp_path, "blip3o_next", {"tiny": True, "tiny_palette": ["red", "green", "blue"]}, steps=30,
+        prompts=["a red image", "a blue image"], rewards=[{"name": "color", "colors": ["red", "green", "blue"]}],
+        num_generations=8, per_device_train_batch_size=16, cfg_scale=5.0, loss_type="grpo", beta=0.0,
+        learning_rate=3e-4, image_heads_learning_rate=0.03, lora_r=8, lora_alpha=16, seed=0)
+    first, last = reward_rise(metrics)
+    assert last >= first + 0.15, f"reward_mean went {first:.3f} -> {last:.3f}"

@@ -356,8 +356,15 @@ def build_benchmark(spec: str, prompts: str | None, reward_options: dict, limit:
         benchmark = reward_benchmark([{"name": spec[len("reward:"):], **reward_options}], records)
     else:
         raise ValueError(f"unknown benchmark {spec!r}: use geneval, ocr or reward:NAME")
-    if limit is not None:
-        benchmark.records = benchmark.records[:limit]
+    if limit is not None:  # per task, so that a quick GenEval run still covers the six tasks
+        kept: dict[str, int] = {}
+        records = []
+        for record in benchmark.records:
+            task = benchmark.task_of(record)
+            if kept.get(task, 0) < limit:
+                kept[task] = kept.get(task, 0) + 1
+                records.append(record)
+        benchmark.records = records
     return benchmark
 
 
@@ -374,7 +381,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder (resumes what is already there)")
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
     parser.add_argument("--batch-prompts", type=int, default=4, help="prompts sampled together")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of each task")
     parser.add_argument("--cfg-scale", type=float, default=5.0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)

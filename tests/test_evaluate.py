@@ -80,11 +80,12 @@ def test_cli_evaluates_with_and_without_an_adapter(policy, prompt_file, tmp_path
     trained.peft_model.save_pretrained(str(tmp_path / "adapter"))
 
     common = ["--policy", "janus", "--policy-options", '{"tiny": true}', "--benchmark", "reward:color",
-              "--prompts", str(prompt_file), "--num-images", "2", "--limit", "2"]
+              "--prompts", str(prompt_file), "--num-images", "2", "--limit", "1"]
     base = main(common + ["--out", str(tmp_path / "base")])
     tuned = main(common + ["--out", str(tmp_path / "tuned"), "--adapter", str(tmp_path / "adapter")])
     assert "| task | prompts | color |" in capsys.readouterr().out
-    assert base["prompts"] == tuned["prompts"] == 2 and base["prompts_total"] == 2
+    assert base["prompts"] == tuned["prompts"] == base["prompts_total"] == 2  # --limit 1: one prompt per task
+    assert base["task_prompts"] == {"red": 1, "blue": 1}
     assert (tmp_path / "base" / "images" / "00000_0.png").read_bytes() != \
         (tmp_path / "tuned" / "images" / "00000_0.png").read_bytes()
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):

@@ -93,6 +93,12 @@ class GRPOImgConfig:
     max_nonfinite_steps: int = 3  # stop after this many non-finite losses in a row
     max_reward_failure_steps: int = 3  # stop after this many steps in a row where no sample could be scored
 
+    # -- evaluation during training (grpo_img/evaluate.py), logged as eval/* next to the training metrics --------
+    eval_prompts: typing.Any = None  # held-out prompts, in any form `prompts` accepts
+    eval_steps: int = 0  # evaluate every N steps and after the last (0: never)
+    eval_rewards: list | None = None  # [{name, **options}] as metrics; None: the training rewards
+    eval_num_images: int = 4  # images per eval prompt
+
     def __post_init__(self) -> None:
         _coerce_numbers(self)
         if self.steps_per_generation is None:
@@ -136,6 +142,16 @@ class GRPOImgConfig:
             if not isinstance(entry, dict) or entry.get("name") not in rewards.available():
                 raise ValueError(f"unknown reward entry {entry!r}: each needs a 'name' among "
                                  f"{', '.join(rewards.available())}")
+        if self.eval_steps < 0:
+            raise ValueError(f"eval_steps must be >= 0, got {self.eval_steps}")
+        if self.eval_steps and self.eval_prompts is None:
+            raise ValueError("eval_steps is set but eval_prompts is not: give held-out prompts to evaluate on")
+        for entry in self.eval_rewards or []:
+            if not isinstance(entry, dict) or entry.get("name") not in rewards.available():
+                raise ValueError(f"unknown eval_rewards entry {entry!r}: each needs a 'name' among "
+                                 f"{', '.join(rewards.available())}")
+        if self.eval_num_images < 1:
+            raise ValueError(f"eval_num_images must be >= 1, got {self.eval_num_images}")
         if self.prompts is None:
             raise ValueError("no prompts: set `prompts` to a list, a .txt/.jsonl file or 'hf:DATASET'")
         if not self.rewards:

@@ -110,40 +110,20 @@ def grpo_step(
             rows = [torch.arange(start_row, start_row + micro, device=device)
                     for start_row in range(window * micro * config.gradient_accumulation_steps,
                                            (window + 1) * micro * config.gradient_accumulation_steps, micro)]
-            window_tokens = accelerator.reduce(action_mask[torch.cat(rows)].sum().float(), "sum").item()
-            norm = LossNormalizer(sequences=float(micro * config.gradient_accumulation_steps),
-                                  tokens=window_tokens / accelerator.num_processes,
-                                  micro_batches=config.gradient_accumulation_steps,
-                                  completion_length=rollout.completion_ids.shape[1])
-            window_loss = torch.zeros((), device=device)
-            for index in rows:
-                part = rollout.select(index)
-                mask = action_mask[index]
-                with accelerator.autocast():
-                    logprobs, entropy = policy.token_logprobs(part, config.cfg_mode, return_entropy=True)
-                logprobs = logprobs.float()
-                loss, stats = grpo_loss(
-                    logprobs, old_logprobs[index] if needs_old else logprobs.detach(), advantages[index], mask,
-                    loss_type=config.loss_type, norm=norm, epsilon=config.epsilon, epsilon_high=config.epsilon_high,
-                    beta=config.beta, ref_logprobs=ref_logprobs[index] if ref_logprobs is not None else None)
-                accelerator.backward(loss)
-                window_loss += loss.detach()
-                for key in ("kl_sum", "clipped_sum", "tokens"):
-                    sums[key] += stats[key].item()
-                sums["entropy_sum"] += (entropy * mask).sum().item()
-                sums["gap_sum"] += ((logprobs.detach() - part.logprobs).abs() * mask).sum().item()
-            finite = torch.isfinite(accelerator.reduce(window_loss, "sum")).item()
+            window_loss = window_backward(policy, rollout, rows, action_mask, advantages, old_logprobs,
+                                          ref_logprobs, config, accelerator, sums)
+            # every process takes the same decision, so that the all-reduce below is entered by all or by none
+            total_loss = accelerator.reduce(window_loss, "sum")
+            finite = torch.isfinite(total_loss).item()
             if finite:
-                for p in params:  # explicit gradient all-reduce: the policy calls its submodules directly
-                    if p.grad is not None and accelerator.num_processes > 1:
-                        p.grad = accelerator.reduce(p.grad, "mean")
+                sync_gradients(params, accelerator)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 finite = bool(torch.isfinite(grad_norm))
             if finite:
                 optimizer.step()
                 scheduler.step()
                 updates += 1
-                sums["loss"] += window_loss.item()
+                sums["loss"] += total_loss.item() / accelerator.num_processes  # the loss of all processes' window
                 sums["grad_norm"] += grad_norm.item()
             else:
                 skipped += 1
@@ -197,6 +177,86 @@ def grpo_step(
     return metrics, rollout, images, reward_values
 
 
+def window_backward(policy: Policy, rollout: Rollout, rows: list[torch.Tensor], action_mask: torch.Tensor,
+                    advantages: torch.Tensor, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
+                    config: GRPOImgConfig, accelerator: Accelerator, sums: dict) -> torch.Tensor:
+    """Forward and backward over one optimizer window (the micro-batches `rows` of this process's rollout).
+
+    Returns this process's share of the window's loss (detached); gradients accumulate in the parameters' .grad.
+    The normaliser counts the window over all processes (see `LossNormalizer`), so that after `sync_gradients`
+    averages the gradients, they equal those of one process holding every process's samples.
+    """
+    micro = len(rows[0])
+    window_tokens = accelerator.reduce(action_mask[torch.cat(rows)].sum().float(), "sum").item()
+    norm = LossNormalizer(sequences=float(micro * len(rows)), tokens=window_tokens / accelerator.num_processes,
+                          micro_batches=len(rows), completion_length=rollout.completion_ids.shape[1])
+    window_loss = torch.zeros((), device=action_mask.device)
+    for index in rows:
+        part = rollout.select(index)
+        mask = action_mask[index]
+        with accelerator.autocast():
+            logprobs, entropy = policy.token_logprobs(part, config.cfg_mode, return_entropy=True)
+        logprobs = logprobs.float()
+        loss, stats = grpo_loss(
+            logprobs, old_logprobs[index] if old_logprobs is not None else logprobs.detach(), advantages[index],
+            mask, loss_type=config.loss_type, norm=norm, epsilon=config.epsilon, epsilon_high=config.epsilon_high,
+            beta=config.beta, ref_logprobs=ref_logprobs[index] if ref_logprobs is not None else None)
+        accelerator.backward(loss)
+        window_loss += loss.detach()
+        for key in ("kl_sum", "clipped_sum", "tokens"):
+            sums[key] += stats[key].item()
+        sums["entropy_sum"] += (entropy * mask).sum().item()
+        sums["gap_sum"] += ((logprobs.detach() - part.logprobs).abs() * mask).sum().item()
+    return window_loss
+
+
+def sync_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Average gradients over processes. Explicit, because policies call their submodules directly (the
+    language model, the image head, ...), so a DDP wrapper's backward hooks would never fire.
+
+    One all-reduce over a flat buffer of every gradient (a per-tensor all-reduce would be hundreds of small calls
+    for a LoRA adapter). A parameter that got a gradient on some processes but not on others takes part with zeros
+    there; one that got none anywhere keeps no gradient, as in a single process."""
+    if accelerator.num_processes == 1:
+        return
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=accelerator.device)
+    has_grad = accelerator.reduce(has_grad, "sum") > 0
+    synced = [p for p, flag in zip(params, has_grad.tolist()) if flag]
+    if not synced:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in synced])
+    flat = accelerator.reduce(flat, "mean")
+    offset = 0
+    for p in synced:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+        offset += p.numel()
+
+
+def check_distributed_type(accelerator: Accelerator) -> None:
+    """Refuse set-ups that would shard the model: see README, "Many processes"."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise NotImplementedError(
+            f"accelerate is configured for {accelerator.distributed_type.value}, which this trainer does not support "
+            "yet: it never passes the model through accelerator.prepare (policies call their submodules directly, "
+            "so a wrapper's forward hooks, which FSDP and ZeRO-3 need to gather sharded weights, would not run), "
+            "and DeepSpeed also needs its engine for backward and the optimizer step. Use a DDP config "
+            "(configs/accelerate/ddp.yaml, multi_node_ddp.yaml) instead; see README, 'Many processes'.")
+
+
+def broadcast_trainable(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Copy process 0's trainable weights to every process. All processes seed identically, so this changes
+    nothing when the policy builds deterministically; it guards against a policy whose set-up does not."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
 def score_with_isolation(reward_fn: Reward, images, prompts, metadata) -> tuple[torch.Tensor, int]:
     """Rewards as a float tensor, NaN where a sample has no score, and how many have none (see score_isolated)."""
     scores, errors = score_isolated(reward_fn, images, prompts, metadata)
@@ -230,6 +290,7 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     """Run GRPO as configured; returns the output directory."""
     use_bf16 = config.bf16 if config.bf16 is not None else torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+    check_distributed_type(accelerator)
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -242,6 +303,7 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     reward_fn = rewards.build_composite(config.rewards)
     policy = setup_policy(config, accelerator.device)
     adapter_params, head_params = policy.trainable_parameters()
+    broadcast_trainable(adapter_params + head_params, accelerator)
     log.info("policy %s: %d trainable parameters of %d", config.policy,
              sum(p.numel() for p in adapter_params + head_params), sum(p.numel() for p in policy.model.parameters()))
     param_groups = [{"params": adapter_params, "lr": config.learning_rate},
@@ -263,14 +325,19 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     metrics_log = MetricsLog(output_dir, config.report_to_tensorboard, resume_step=start_step if resume else None) \
         if accelerator.is_main_process else None
 
+    evaluation = setup_evaluation(config) if accelerator.is_main_process else None
     progress = tqdm(total=config.max_steps, initial=start_step, desc="GRPO", disable=not accelerator.is_main_process)
     for step in range(start_step, config.max_steps):
         batch = schedule.at_step(step)
         metrics, rollout, images, reward_values = grpo_step(step, policy, reward_fn, batch, optimizer, scheduler,
                                                             config, accelerator, state)
         done = step + 1
+        evaluate_now = bool(config.eval_steps) and (done % config.eval_steps == 0 or done == config.max_steps)
         if accelerator.is_main_process:
-            if done % config.logging_steps == 0 or done == config.max_steps:
+            if evaluate_now:  # on the main process only; the others wait at the next collective
+                with accelerator.autocast():
+                    metrics.update(run_evaluation(policy, evaluation, config))
+            if done % config.logging_steps == 0 or done == config.max_steps or evaluate_now:
                 metrics_log.log(metrics)
             if config.image_log_steps and (done % config.image_log_steps == 0 or done == 1):
                 save_image_grid(output_dir, done, images, rollout, reward_values, config.num_generations)
@@ -294,6 +361,34 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
         plot_reward_curve(read_metrics(output_dir), output_dir / "reward_curve.png")
         log.info("done: adapter in %s, reward curve in %s", output_dir / "adapter", output_dir / "reward_curve.png")
     return output_dir
+
+
+def setup_evaluation(config: GRPOImgConfig):
+    """The held-out benchmark for eval_steps (None when evaluation is off)."""
+    if not config.eval_steps:
+        return None
+    from grpo_img.evaluate import reward_benchmark
+
+    return reward_benchmark(config.eval_rewards or config.rewards, load_prompts(config.eval_prompts,
+                                                                                 config.prompt_column))
+
+
+def run_evaluation(policy: Policy, benchmark, config: GRPOImgConfig) -> dict:
+    """eval/METRIC (mean over all images) and, with several tasks, eval/TASK/METRIC. Same seed at every
+    evaluation, so the curve compares the policy on the same draws of noise."""
+    from grpo_img.evaluate import Sampling, evaluate
+
+    start = time.perf_counter()
+    report = evaluate(policy, benchmark, None, num_images=config.eval_num_images,
+                      prompts_per_batch=max(1, config.per_device_train_batch_size // config.eval_num_images),
+                      sampling=Sampling(config.cfg_scale, config.temperature, config.top_k, config.top_p),
+                      seed=config.seed, progress=False)
+    metrics = {f"eval/{key}": value for key, value in report["image_means"].items()}
+    if len(report["tasks"]) > 1:
+        for task, means in report["tasks"].items():
+            metrics.update({f"eval/{task}/{key}": value for key, value in means.items()})
+    metrics["eval_seconds"] = time.perf_counter() - start
+    return metrics
 
 
 def save_image_grid(output_dir: Path, step: int, images, rollout: Rollout, reward_values, group_size: int) -> None:

@@ -1,0 +1,121 @@
+"""Run under `accelerate launch` by tests/test_multiprocess.py (not a test module itself):
+
+    accelerate launch --config_file configs/accelerate/multi_cpu.yaml tests/multiproc_check.py OUT_DIR
+
+Every process writes OUT_DIR/rank{R}.pt with
+- "fixed": for one fixed rollout batch of every process's samples, per loss type, the loss of the window (the mean
+  of the processes' shares) and the gradients after `sync_gradients`, computed by the trainer's own
+  `window_backward` on this process's whole groups;
+- "initial", "trained": every parameter of the policy before and after `train()` ran a few steps on this many
+  processes.
+The test computes the same "fixed" numbers in one process over the union of the samples (`fixed_batch(...)`) and
+compares.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+PROMPTS = ["a red image", "a green image", "a blue image", "a yellow image"]
+GROUP = 4
+STEPS = 3
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")  # bnpo is per micro-batch by definition (as in TRL): see README
+UNSCORED = (0, 1, 2, 9)  # samples whose reward "failed": uneven token counts across processes
+
+
+def check_config(num_processes: int, output_dir: str, **overrides):
+    """The tiny demo policy without the palette fit (its build is 20 s slower) on 4 prompts x 4 samples per step
+    in total, split evenly over the processes."""
+    from grpo_img.config import GRPOImgConfig
+
+    values = dict(policy="janus", policy_options={"tiny": True}, rewards=[{"name": "color"}], prompts=PROMPTS,
+                  num_generations=GROUP, per_device_train_batch_size=len(PROMPTS) * GROUP // num_processes,
+                  loss_type="grpo", beta=0.04, learning_rate=3e-3, image_heads_learning_rate=1e-2, max_steps=STEPS,
+                  lora_r=4, lora_alpha=8, seed=0, output_dir=output_dir, image_log_steps=0, save_steps=0,
+                  report_to_tensorboard=False)
+    values.update(overrides)
+    config = GRPOImgConfig(**values)
+    config.validate()
+    return config
+
+
+def fixed_batch(accelerator) -> dict:
+    """Loss and synchronised gradients of one fixed rollout batch, per loss type, on this process's share."""
+    import rewards
+    from grpo_img.loss import group_advantages
+    from grpo_img.trainer import score_with_isolation, setup_policy, sync_gradients, window_backward
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    config = check_config(world, "unused")
+    torch.manual_seed(config.seed)
+    policy = setup_policy(config, accelerator.device)
+    adapter, heads = policy.trainable_parameters()
+    params = adapter + heads
+    names = {id(p): n for n, p in policy.model.named_parameters()}
+    with torch.no_grad():  # move away from the reference policy (LoRA B = 0) so that the KL term has a gradient
+        noise = torch.Generator().manual_seed(1)
+        for p in params:
+            p.add_(0.02 * torch.randn(p.shape, generator=noise))
+
+    # the whole batch, sampled identically on every process; each process then keeps its own whole groups
+    rollout = policy.sample(PROMPTS, GROUP, cfg_scale=config.cfg_scale, generator=torch.Generator().manual_seed(3))
+    values, _ = score_with_isolation(rewards.build_composite(config.rewards), policy.decode(rollout),
+                                     rollout.prompts, [{}] * len(rollout))
+    values[list(UNSCORED)] = float("nan")
+    share = len(rollout) // world
+    own = torch.arange(rank * share, (rank + 1) * share)
+    rollout, values = rollout.select(own), values[own]
+    advantages = group_advantages(values, GROUP, config.scale_rewards)
+    mask = rollout.action_mask & ~torch.isnan(values)[:, None]
+    with torch.no_grad(), policy.reference():
+        ref = policy.token_logprobs(rollout, config.cfg_mode).float()
+
+    results = {}
+    for loss_type in LOSS_TYPES:
+        config.loss_type = loss_type
+        for p in params:
+            p.grad = None
+        sums = {k: 0.0 for k in ("kl_sum", "clipped_sum", "tokens", "entropy_sum", "gap_sum")}
+        loss = window_backward(policy, rollout, [torch.arange(share)], mask, advantages, None, ref, config,
+                               accelerator, sums)
+        loss = accelerator.reduce(loss, "sum") / world
+        sync_gradients(params, accelerator)
+        results[loss_type] = {"loss": loss.item(), "grads": {names[id(p)]: p.grad.clone() for p in params}}
+    return results
+
+
+def trained_parameters(output_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every parameter before and after `train()`; the policy is caught on its way out of `setup_policy`."""
+    import grpo_img.trainer as trainer
+    from accelerate import PartialState
+
+    caught = {}
+    setup = trainer.setup_policy
+
+    def catching(config, device):
+        caught["policy"] = setup(config, device)
+        caught["before"] = {n: p.detach().clone() for n, p in caught["policy"].model.named_parameters()}
+        return caught["policy"]
+
+    trainer.setup_policy = catching
+    try:
+        trainer.train(check_config(PartialState().num_processes, output_dir))
+    finally:
+        trainer.setup_policy = setup
+    return caught["before"], {n: p.detach().clone() for n, p in caught["policy"].model.named_parameters()}
+
+
+def main(out: str) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    result = {"world": accelerator.num_processes, "fixed": fixed_batch(accelerator)}
+    result["initial"], result["trained"] = trained_parameters(str(Path(out) / "run"))
+    torch.save(result, Path(out) / f"rank{accelerator.process_index}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -59,8 +59,9 @@ Think-then-draw (policies/plan.py):
   a chat-tuned model does not write after its answer. `<im_start>` (begin-of-image) also stops a plan; the
   prefix's `<im_start>` column is then masked out and the plan's one is used.
 - A plan may not write (`plan_banned_ids`): the image tokens `<I*>`, the scale tokens `<S0>`..`<S2>`, `<im_end>`
-  (all meaningful only inside an image), and the tokenizer's EOS when it is not the end marker (Qwen's generation
-  config stops at `<|endoftext|>` too; banning it keeps a document terminator out of the image's context).
+  (all meaningful only inside an image), and the tokenizer's EOS and pad tokens unless one is the end marker. In
+  Qwen3's tokenizers one of them is `<|endoftext|>` (post-trained: pad; Base: EOS), the pre-training document
+  separator at which Qwen's generation config also stops: banning it keeps it out of the image's context.
 - The decoder reads the hidden states of `<S0>` and the image tokens, which now depend on the plan through
   attention: `decode` rebuilds the same per-row context (prompt + plan + `<im_start><S0>`, positions from the mask,
   end marker and padding masked out) that sampling and scoring use (`image_context`), so a plan rollout decodes
@@ -391,17 +392,16 @@ class Blip3oNextPolicy(ThinkThenDraw, Policy):
         return token_id
 
     def plan_banned_ids(self) -> list[int]:
-        """Image tokens, scale tokens, `<im_end>`, and EOS unless it is the end marker (module docstring)."""
+        """Image tokens, scale tokens, `<im_end>`, and EOS and pad unless one is the end marker (module docstring)."""
         if self._image_only_ids is None:
             known = [self.tokenizer.convert_tokens_to_ids(t) for t in SCALE_TOKENS]
             known = [i for i in known if i is not None and i != self.tokenizer.unk_token_id]
             image_tokens = range(self.image_start, self.image_start + self.codebook_size)
             self._image_only_ids = sorted({*image_tokens, *known, self.ids["scale_start_token_id"],
                                            self.ids["image_end_tag_id"]})
-        eos = self.tokenizer.eos_token_id
-        if eos is not None and eos != self.end_marker_id():
-            return [*self._image_only_ids, eos]
-        return self._image_only_ids
+        end = self.end_marker_id()
+        specials = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} - {None, end}
+        return [*self._image_only_ids, *sorted(specials)]
 
     def _tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         batch = self.tokenizer(texts, padding=True, return_tensors="pt")

@@ -55,7 +55,7 @@ Think-then-draw (policies/plan.py):
   plan in front of the image tag.
 - End marker: Qwen's `<|im_end|>` unless `end_marker` is set, whatever the tokenizer calls EOS. It ends an
   assistant turn in the chat template the plan is written in; Qwen3's post-trained tokenizers (which BLIP3o-NEXT
-  extends) name it EOS anyway, but Base tokenizers name `<|endoftext|>`, the pre-training document separator, which
+  extends [inferred]) name it EOS anyway, but Base tokenizers name `<|endoftext|>`, the pre-training document separator, which
   a chat-tuned model does not write after its answer. `<im_start>` (begin-of-image) also stops a plan; the
   prefix's `<im_start>` column is then masked out and the plan's one is used.
 - A plan may not write (`plan_banned_ids`): the image tokens `<I*>`, the scale tokens `<S0>`..`<S2>`, `<im_end>`

@@ -46,6 +46,33 @@ Deliberate differences, all stated:
   the same colour, so `fit_decoder_to_palette` fits the tiny DC-AE, Sana and connector for a few seconds so that
   image token k paints palette colour k % len(palette) at its place in the grid.
 
+Think-then-draw (policies/plan.py):
+- Plan prompt: the released prompt itself, i.e. the tokenizer's chat template with the system prompt and the
+  release's generation instruction around the plan-writing request ("Please generate image based on the following
+  caption: {request}"; with the default request "{prompt}" this is exactly the no-plan prompt), generation prompt on.
+  The plan is the assistant's text between the generation prompt and `<im_start><S0>` (`image_prefix_ids`), written
+  with the full `lm_head`. The image follows "...assistant\n{plan}<im_start><S0>", the release's layout with the
+  plan in front of the image tag.
+- End marker: Qwen's `<|im_end|>` unless `end_marker` is set, whatever the tokenizer calls EOS. It ends an
+  assistant turn in the chat template the plan is written in; Qwen3's post-trained tokenizers (which BLIP3o-NEXT
+  extends [inferred]) name it EOS anyway, but Base tokenizers name `<|endoftext|>`, the pre-training document separator, which
+  a chat-tuned model does not write after its answer. `<im_start>` (begin-of-image) also stops a plan; the
+  prefix's `<im_start>` column is then masked out and the plan's one is used.
+- A plan may not write (`plan_banned_ids`): the image tokens `<I*>`, the scale tokens `<S0>`..`<S2>`, `<im_end>`
+  (all meaningful only inside an image), and the tokenizer's EOS and pad tokens unless one is the end marker. In
+  Qwen3's tokenizers one of them is `<|endoftext|>` (post-trained: pad; Base: EOS), the pre-training document
+  separator at which Qwen's generation config also stops: banning it keeps it out of the image's context.
+- The decoder reads the hidden states of `<S0>` and the image tokens, which now depend on the plan through
+  attention: `decode` rebuilds the same per-row context (prompt + plan + `<im_start><S0>`, positions from the mask,
+  end marker and padding masked out) that sampling and scoring use (`image_context`), so a plan rollout decodes
+  reproducibly, and to different pixels under a different plan.
+- AR-side CFG (ours, off as released): the unconditional row stays the empty-caption template + `<im_start><S0>`,
+  without the plan. Guidance pushes towards prompt and plan together, as Janus's blanked null row does; an
+  "empty caption + plan" row would guide towards the prompt only and make the null row depend on the sample.
+  The plan itself is sampled without CFG (it is text).
+- Without a plan nothing changes: the group shares its prompt's prefill, and every draw from the generator
+  happens in the same order as before.
+
 Memory: the reference policy for KL is the same backbone with the LoRA adapter disabled, and the decoder is never
 copied. The original GRPO trainer (beta 0.001) keeps a full second copy of the whole stack as its reference model.
 From the released component sizes (parameters counted by building the architectures on the meta
@@ -81,10 +108,13 @@ from policies.base import (
     process_logits,
     sample_from_logits,
 )
+from policies.plan import ThinkThenDraw
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 GENERATION_INSTRUCTION = "Please generate image based on the following caption: {prompt}"
 TOKENS_PER_IMAGE = 729  # 27 x 27
+PLAN_END_MARKER = "<|im_end|>"  # Qwen's end of turn: the plan's default end marker
+SCALE_TOKENS = ("<S0>", "<S1>", "<S2>")
 CODEBOOK_SIZE = 65536  # TA-Tok
 CONNECTOR_DIM = 2304  # Sana caption_channels
 DIFFUSION_GUIDANCE_SCALE = 2.0
@@ -170,7 +200,7 @@ class DiffusionDecoder(nn.Module):
 # The policy
 
 
-class Blip3oNextPolicy(Policy):
+class Blip3oNextPolicy(ThinkThenDraw, Policy):
     name = "blip3o_next"
     # self.model is the Qwen3 backbone only (the decoder lives outside it), so plain names are safe.
     lora_target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -212,7 +242,7 @@ class Blip3oNextPolicy(Policy):
                              f"vocabulary of {vocab}")
         if diffusion_steps < 1:
             raise ValueError(f"diffusion_steps must be >= 1, got {diffusion_steps}")
-        self.num_completion_tokens = tokens_per_image
+        self.num_image_tokens = tokens_per_image
         self.restrict_to_image_tokens = restrict_to_image_tokens
         self.diffusion_guidance_scale = diffusion_guidance_scale
         self.diffusion_steps = diffusion_steps
@@ -223,6 +253,7 @@ class Blip3oNextPolicy(Policy):
         self.decode_with_reference_backbone = decode_with_reference_backbone
         self.image_size = decoder.image_size
         self._uncond_ids: Tensor | None = None
+        self._image_only_ids: list[int] | None = None
 
     # -- loading ------------------------------------------------------------------------------------------------
 
@@ -315,7 +346,7 @@ class Blip3oNextPolicy(Policy):
             "model_type": "blip3o_qwen_inference",
             "diffusion_name_or_path": self.diffusion_name_or_path,
             **self.ids,
-            "blip3o_tokens_per_image": self.num_completion_tokens,
+            "blip3o_tokens_per_image": self.num_image_tokens,
             "blip3o_codebook_size": self.codebook_size,
             "blip3o_diffusion_guidance_scale": self.diffusion_guidance_scale,
             "blip3o_diffusion_steps": self.diffusion_steps,
@@ -331,9 +362,46 @@ class Blip3oNextPolicy(Policy):
     def format_prompt(self, prompt: str) -> str:
         """The released chat text (system + generation instruction, generation prompt on); `<im_start><S0>` are
         appended as ids by `encode_prompts`."""
+        return self.plan_prompt_text(prompt)
+
+    # -- think-then-draw hooks (policies/plan.py): the plan is the assistant's text before <im_start><S0> -------
+
+    @property
+    def plan_tokenizer(self):
+        return self.tokenizer
+
+    def plan_prompt_text(self, request: str) -> str:
         messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                    {"role": "user", "content": GENERATION_INSTRUCTION.format(prompt=prompt)}]
+                    {"role": "user", "content": GENERATION_INSTRUCTION.format(prompt=request)}]
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def text_logits(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
+        return self.model.get_output_embeddings()(self._backbone(ids, mask, positions, cache))
+
+    @property
+    def image_prefix_ids(self) -> list[int]:
+        return [self.ids["image_start_tag_id"], self.ids["scale_start_token_id"]]
+
+    def end_marker_id(self) -> int:
+        """Qwen's `<|im_end|>` unless the plan names another marker (module docstring)."""
+        if self.plan is not None and self.plan.end_marker is not None:
+            return super().end_marker_id()
+        token_id = self.tokenizer.convert_tokens_to_ids(PLAN_END_MARKER)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"{self.name}: the tokenizer has no {PLAN_END_MARKER} token; set the plan's end_marker")
+        return token_id
+
+    def plan_banned_ids(self) -> list[int]:
+        """Image tokens, scale tokens, `<im_end>`, and EOS and pad unless one is the end marker (module docstring)."""
+        if self._image_only_ids is None:
+            known = [self.tokenizer.convert_tokens_to_ids(t) for t in SCALE_TOKENS]
+            known = [i for i in known if i is not None and i != self.tokenizer.unk_token_id]
+            image_tokens = range(self.image_start, self.image_start + self.codebook_size)
+            self._image_only_ids = sorted({*image_tokens, *known, self.ids["scale_start_token_id"],
+                                           self.ids["image_end_tag_id"]})
+        end = self.end_marker_id()
+        specials = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} - {None, end}
+        return [*self._image_only_ids, *sorted(specials)]
 
     def _tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         batch = self.tokenizer(texts, padding=True, return_tensors="pt")
@@ -401,58 +469,67 @@ class Blip3oNextPolicy(Policy):
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> Rollout:
+        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
+        plan = None
+        if self.plan is None:
+            # one context per prompt: prefilled once, its KV cache shared by the group's samples
+            ids, mask = self.encode_prompts(prompts)
+            tokens, logprobs = self._sample_image(ids, mask, group_size, settings, generator)
+            ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+        else:
+            # one context per sample: prompt + its own plan + <im_start><S0>
+            ids, mask, plan = self.sample_plans(prompts, group_size, generator)
+            context_ids, context_mask = self.plan_context(ids, mask, plan.ids)
+            tokens, logprobs = self._sample_image(context_ids, context_mask, 1, settings, generator)
+
+        # Drawn after the tokens, so the tokens do not depend on it; fixes each row's diffusion noise.
+        n = len(prompts) * group_size
+        seed_device = generator.device if generator is not None else torch.device("cpu")
+        decode_seed = torch.randint(0, 2**62, (n,), generator=generator, device=seed_device).to(self.device)
+        return self.make_rollout(prompts, group_size, ids, mask, tokens, torch.ones_like(tokens, dtype=torch.bool),
+                                 logprobs, settings, plan, extras={"decode_seed": decode_seed})
+
+    def _sample_image(self, ids: Tensor, mask: Tensor, repeats: int, settings: SamplingSettings,
+                      generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Image tokens (vocabulary ids) and their log-probs after each context row (ending with `<S0>`),
+        `repeats` samples per row (KV-cached, optional AR-side CFG)."""
         from transformers import DynamicCache
 
-        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
-        ids, mask = self.encode_prompts(prompts)
-        n = len(prompts) * group_size
+        n = ids.shape[0] * repeats
         rows_ids, rows_mask = self._guidance_rows(ids, mask, settings.uses_cfg)
-
-        # Prefill each prompt once and share its KV cache between the group's samples.
         cache = DynamicCache(config=self.model.config)
         positions = position_ids_from_mask(rows_mask)
         hidden = self._backbone(rows_ids, rows_mask, positions, cache)[:, -1]
-        cache.batch_repeat_interleave(group_size)
-        hidden = hidden.repeat_interleave(group_size, 0)
-        attn = rows_mask.repeat_interleave(group_size, 0)
-        next_position = positions[:, -1:].repeat_interleave(group_size, 0) + 1
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+        hidden = hidden.repeat_interleave(repeats, 0)
+        attn = rows_mask.repeat_interleave(repeats, 0)
+        next_position = positions[:, -1:].repeat_interleave(repeats, 0) + 1
 
-        tokens = torch.empty(n, self.num_completion_tokens, dtype=torch.long, device=self.device)
-        logprobs = torch.empty(n, self.num_completion_tokens, dtype=torch.float32, device=self.device)
+        tokens = torch.empty(n, self.num_image_tokens, dtype=torch.long, device=self.device)
+        logprobs = torch.empty(n, self.num_image_tokens, dtype=torch.float32, device=self.device)
         offset = self.image_start if self.restrict_to_image_tokens else 0
-        for t in range(self.num_completion_tokens):
+        for t in range(self.num_image_tokens):
             logits = self._image_logits(hidden)
             uncond = logits[n:] if settings.uses_cfg else None
             index, logprobs[:, t] = sample_from_logits(process_logits(logits[:n], uncond, settings), generator)
             tokens[:, t] = index + offset
-            if t + 1 == self.num_completion_tokens:
+            if t + 1 == self.num_image_tokens:
                 break
             step_tokens = tokens[:, t : t + 1].repeat(2 if settings.uses_cfg else 1, 1)
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
             hidden = self._backbone(step_tokens, attn, next_position, cache)[:, -1]
             next_position = next_position + 1
-
-        # Drawn after the tokens, so the tokens do not depend on it; fixes each row's diffusion noise.
-        seed_device = generator.device if generator is not None else torch.device("cpu")
-        decode_seed = torch.randint(0, 2**62, (n,), generator=generator, device=seed_device).to(self.device)
-        return Rollout(
-            prompts=[p for p in prompts for _ in range(group_size)],
-            group_index=torch.arange(len(prompts), device=self.device).repeat_interleave(group_size),
-            prompt_ids=ids.repeat_interleave(group_size, 0),
-            prompt_mask=mask.repeat_interleave(group_size, 0),
-            completion_ids=tokens,
-            action_mask=torch.ones_like(tokens, dtype=torch.bool),
-            logprobs=logprobs,
-            sampling=settings,
-            extras={"decode_seed": decode_seed},
-        )
+        return tokens, logprobs
 
     def token_logprobs(self, rollout: Rollout, cfg_mode: CfgMode = "mixture", return_entropy: bool = False):
         check_cfg_mode(cfg_mode)
         settings = rollout.sampling
         with_uncond = cfg_mode == "mixture" and settings.uses_cfg
-        rows_ids, rows_mask = self._guidance_rows(rollout.prompt_ids, rollout.prompt_mask, with_uncond)
-        previous = rollout.completion_ids[:, :-1].repeat(2 if with_uncond else 1, 1)
+        context_ids, context_mask = self.image_context(rollout)  # the prompt, or prompt + plan + <im_start><S0>
+        rows_ids, rows_mask = self._guidance_rows(context_ids, context_mask, with_uncond)
+        image_ids = rollout.image_ids
+        previous = image_ids[:, :-1].repeat(2 if with_uncond else 1, 1)
         ids = torch.cat([rows_ids, previous], dim=1)
         attn = torch.cat([rows_mask, rows_mask.new_ones(previous.shape)], dim=1)
         hidden = self._backbone(ids, attn, position_ids_from_mask(attn))
@@ -460,10 +537,9 @@ class Blip3oNextPolicy(Policy):
         logits = self._image_logits(hidden[:, rows_ids.shape[1] - 1 :])
         n = len(rollout)
         processed = process_logits(logits[:n], logits[n:] if with_uncond else None, settings)
-        logprobs = selective_log_softmax(processed, self._action_index(rollout.completion_ids))
-        if return_entropy:
-            return logprobs, entropy_of_logits(processed.detach())
-        return logprobs
+        logprobs = selective_log_softmax(processed, self._action_index(image_ids))
+        entropy = entropy_of_logits(processed.detach()) if return_entropy else None
+        return self.join_plan_logprobs(rollout, logprobs, entropy, return_entropy)
 
     # -- decoding -----------------------------------------------------------------------------------------------
 
@@ -493,8 +569,10 @@ class Blip3oNextPolicy(Policy):
         images = []
         for start in range(0, len(rollout), self.decode_batch_size):
             part = rollout.select(slice(start, start + self.decode_batch_size))
+            # the context the image tokens were sampled after (with a plan: prompt + plan + <im_start><S0>)
+            context_ids, context_mask = self.image_context(part)
             with self._decoder_backbone():
-                hidden = self.decoder_hidden_states(part.prompt_ids, part.prompt_mask, part.completion_ids)
+                hidden = self.decoder_hidden_states(context_ids, context_mask, part.image_ids)
             pixels = self.decoder(hidden, self.initial_noise(part.extras["decode_seed"]),
                                   self.diffusion_guidance_scale, self.diffusion_steps, self.diffusion_shift)
             pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -711,14 +789,14 @@ def fit_decoder_to_palette(policy: Blip3oNextPolicy, colors: list[str], steps: i
     generator = torch.Generator().manual_seed(seed)
     decoder = policy.decoder
     channels, side, _ = decoder.latent_shape
-    grid = int(round(policy.num_completion_tokens ** 0.5))
+    grid = int(round(policy.num_image_tokens ** 0.5))
     palette = torch.tensor([COLORS[c] for c in colors], dtype=torch.float32) / 127.5 - 1.0  # [K, 3]
     color_latent = torch.randn(len(colors), channels, generator=generator)  # [K, C]
     token_color = torch.arange(policy.codebook_size) % len(colors)
     prompt_ids, prompt_mask = policy.encode_prompts([f"a {c} image" for c in colors])
 
     def draw(batch: int) -> tuple[Tensor, Tensor, Tensor]:
-        codes = _training_grids(batch, policy.num_completion_tokens, policy.codebook_size, len(colors), generator)
+        codes = _training_grids(batch, policy.num_image_tokens, policy.codebook_size, len(colors), generator)
         colour = token_color[codes].view(batch, grid, grid)
         latents = nn.functional.interpolate(color_latent[colour].permute(0, 3, 1, 2), size=(side, side),
                                             mode="nearest")

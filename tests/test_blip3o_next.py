@@ -198,3 +198,82 @@ def test_grpo_on_the_colour_toy_world_raises_the_reward(tmp_path):
         learning_rate=3e-4, image_heads_learning_rate=0.03, lora_r=8, lora_alpha=16, seed=0)
     first, last = reward_rise(metrics)
     assert last >= first + 0.15, f"reward_mean went {first:.3f} -> {last:.3f}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Think-then-draw (the generic tests in tests/test_think_then_draw.py run on blip3o_next too)
+
+
+@pytest.fixture()
+def planner(tiny):
+    from policies.plan import PlanSettings
+
+    tiny.set_plan(PlanSettings(max_tokens=8, temperature=1.5))
+    yield tiny
+    tiny.set_plan(None)
+
+
+def test_plan_is_text_before_im_start_and_never_image_tokens(planner):
+    tok = planner.tokenizer
+    # Qwen's end of turn, not the tokenizer's EOS (</s> in the tiny one, which a plan may then not write)
+    assert planner.end_marker_id() == tok.convert_tokens_to_ids("<|im_end|>") != tok.eos_token_id
+    assert planner.image_prefix_ids == [tok.convert_tokens_to_ids("<im_start>"), tok.convert_tokens_to_ids("<S0>")]
+    # the plan prompt is the released prompt without <im_start><S0>
+    ids, mask = planner.encode_plan_prompts(PROMPTS)
+    released_ids, released_mask = planner.encode_prompts(PROMPTS)
+    assert torch.equal(ids, released_ids[:, :-2]) and torch.equal(mask, released_mask[:, :-2])
+    rollout = sample(planner, group_size=8, seed=3)
+    written = planner.plan_written(rollout.plan_ids)
+    image_only = [f"<I{k}>" for k in range(planner.codebook_size)] + ["<S0>", "<S1>", "<S2>", "<im_end>",
+                                                                       tok.eos_token, tok.pad_token]
+    banned = torch.tensor(tok.convert_tokens_to_ids(image_only))
+    # 69 of the tiny vocabulary's 132 ids are banned: an unbanned random text head would write them all the time
+    assert written.sum() >= 50 and not torch.isin(rollout.plan_ids[written], banned).any()
+    assert not any("<I" in plan or "<S" in plan for plan in rollout.plans)
+
+
+def test_plan_rollout_decodes_reproducibly_and_the_image_depends_on_the_plan(planner):
+    tok = planner.tokenizer
+    rollout = sample(planner, seed=4)
+    first = planner.decode(rollout)
+    assert [im.tobytes() for im in planner.decode(rollout)] == [im.tobytes() for im in first]
+    planner.decode_batch_size, batch_size = 1, planner.decode_batch_size
+    try:
+        assert [im.tobytes() for im in planner.decode(rollout)] == [im.tobytes() for im in first]
+    finally:
+        planner.decode_batch_size = batch_size
+    # same image tokens and noise seeds, other plans: other pixels (the decoder reads hidden states after the plan)
+    swapped = rollout.select(torch.arange(len(rollout)))
+    swapped.completion_ids = torch.cat([rollout.plan_ids.flip(0), rollout.image_ids], dim=1)
+    assert all(a.tobytes() != b.tobytes() for a, b in zip(first, planner.decode(swapped)))
+
+    # a plan that stops at <|im_end|> in a left-padded batch decodes as its compact context would:
+    # prompt + "red blue" + <im_start><S0> (end marker, padding and batch padding are holes, positions from the mask)
+    red, blue, end, pad = (tok.convert_tokens_to_ids(t) for t in ("red", "blue", "<|im_end|>", tok.pad_token))
+    row = rollout.select(torch.tensor([0]))  # the shorter prompt: left-padded in this batch
+    assert (row.prompt_mask == 0).any()
+    span = torch.tensor([[red, blue, end] + [pad] * 5])
+    row.completion_ids = torch.cat([span, row.image_ids], dim=1)
+    keep = row.prompt_mask[0].bool()
+    compact = torch.cat([row.prompt_ids[0, keep], torch.tensor([red, blue, *planner.image_prefix_ids])])[None]
+    with torch.no_grad():
+        expected = planner.decoder_hidden_states(compact, torch.ones_like(compact), row.image_ids)
+        context_ids, context_mask = planner.image_context(row)
+        got = planner.decoder_hidden_states(context_ids, context_mask, row.image_ids)
+        pixels = planner.decoder(expected, planner.initial_noise(row.extras["decode_seed"]),
+                                 planner.diffusion_guidance_scale, planner.diffusion_steps, planner.diffusion_shift)
+    assert torch.allclose(got, expected, atol=1e-5)
+    pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round()[0].permute(1, 2, 0)
+    decoded = torch.tensor(np.array(planner.decode(row)[0]), dtype=torch.float32)
+    assert (decoded - pixels).abs().max() <= 1
+
+
+def test_blip3o_trains_plan_and_image_through_the_trainer(tmp_path):
+    metrics = run_tiny_grpo(tmp_path, "blip3o_next", {"tiny": True}, 2, prompts=["a red image"],
+                            per_device_train_batch_size="8", plan="true", plan_max_tokens="4",
+                            plan_temperature="1.2", cfg_scale="3.0", image_log_steps="1")
+    assert all(m["loss"] == m["loss"] and m["grad_norm"] > 0 for m in metrics)
+    assert metrics[0]["logprob_gap"] < 1e-4 and metrics[0]["kl"] == 0.0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "plans.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == [1] * 8 + [2] * 8
+    assert all((tmp_path / "run" / entry["image"]).is_file() and "<I" not in entry["plan"] for entry in logged)

@@ -5,7 +5,7 @@ Release facts the code relies on (baaivision/Emu3 `image_generation.py`, transfo
   `Emu3Processor(return_for_image_generation=True, ratio="1:1", image_area=...)`, left-padded. The release appends
   " masterpiece, film grained, best quality." to the user prompt (`prompt_suffix`, on by default).
 - Image tokens are BPE ids `<|visual token NNNNNN|>` (32768 codes, contiguous ids) that the text `lm_head` scores
-  like any other token. The completion is H rows of W visual tokens, each row closed by EOL `<|extra_200|>`, then
+  like any other token. The image span is H rows of W visual tokens, each row closed by EOL `<|extra_200|>`, then
   EOF `<|extra_201|>`, EOI `<|image end|>`, EOS (`<|extra_204|>`): H (W + 1) + 3 tokens. The release enforces this
   with a prefix-constrained logits processor; here the structural tokens are forced the same way: they are not
   sampled, their log-prob is 0 (a point mass) and `action_mask` is False on them, so they never enter the loss.
@@ -32,6 +32,28 @@ Deliberate choices:
 - No image head is trained in full (`modules_to_save` is empty): the visual rows live inside the ~184k-row
   `lm_head` (0.75B parameters at 8B), and peft's modules_to_save would copy and train all of it (Adam states
   included) to move 32768 rows. LoRA on the language model moves the hidden states that those rows read.
+
+Think-then-draw (policies/plan.py; the release has no such mode, so every choice here is ours):
+- Plan-writing prompt: Emu3-Gen has no chat template, so the plan continues the caption: BOS + request (the plan
+  instruction around the prompt) + the release suffix, i.e. the release prompt without its image header (the suffix
+  sits before the plan because the header has to follow the plan directly). The plan is followed by the header
+  `<|image start|>{H}*{W}<|image token|>` (`image_prefix_ids`, tokenized alone: the special tokens around "{H}*{W}"
+  split it off, as in the processor's prompt). A plan stops at the end marker (EOS `<|extra_204|>` by default), at
+  `<|image start|>` (Emu3's generation sequences put it right after the caption, so it is the plan's natural end;
+  the header then goes on from the plan's own BOI), or at `max_tokens`. An empty plan (BOI at once) conditions the
+  image exactly like the release prompt.
+- The plan is written by the full `lm_head` (text steps need the whole vocabulary: 184622 logits per position, fine
+  for a short plan; the prompt positions' logits are computed too, in the prefill and when scoring), with the
+  visual tokens, the image markup but `<|image start|>`, every reserved `<|extra_N|>` token (EOL, EOF, BOS, ...),
+  and pad banned (`plan_banned_ids`; never the end marker). The image span keeps the restricted head and the forced
+  layout, and is the same H (W + 1) + 3 tokens after the plan span as without a plan.
+- CFG: the negative prompt stays the release's fixed text (with its header as configured): the unconditional
+  branch does not see the plan, so the guidance contrasts "prompt + plan" against the same negative as without a
+  plan. The plan itself is text and is sampled and scored without CFG.
+- The image context is the plan prompt + plan span (end marker and padding masked out, not removed) + header, one
+  row per sample (the sampler's prefill is per row then; without a plan it is per prompt and shared by the group,
+  as before). Positions come from the mask, so sampling (KV cache with holes) and scoring (one forward with the
+  same mask) see the same sequence as the compact one.
 """
 
 from __future__ import annotations
@@ -277,7 +299,7 @@ class Emu3Policy(ThinkThenDraw, Policy):
     def plan_banned_ids(self) -> list[int]:
         """Visual tokens, image markup but `<|image start|>`, the reserved `<|extra_N|>` tokens (EOL and EOF among
         them), BOS and pad; never the plan's end marker."""
-        end = self.end_marker_id()
+        end = self.end_marker_id() if self.plan is not None else None
         if end not in self._plan_banned:
             return self._plan_banned
         return [i for i in self._plan_banned if i != end]

@@ -5,7 +5,7 @@ Release facts the code relies on (baaivision/Emu3 `image_generation.py`, transfo
   `Emu3Processor(return_for_image_generation=True, ratio="1:1", image_area=...)`, left-padded. The release appends
   " masterpiece, film grained, best quality." to the user prompt (`prompt_suffix`, on by default).
 - Image tokens are BPE ids `<|visual token NNNNNN|>` (32768 codes, contiguous ids) that the text `lm_head` scores
-  like any other token. The completion is H rows of W visual tokens, each row closed by EOL `<|extra_200|>`, then
+  like any other token. The image span is H rows of W visual tokens, each row closed by EOL `<|extra_200|>`, then
   EOF `<|extra_201|>`, EOI `<|image end|>`, EOS (`<|extra_204|>`): H (W + 1) + 3 tokens. The release enforces this
   with a prefix-constrained logits processor; here the structural tokens are forced the same way: they are not
   sampled, their log-prob is 0 (a point mass) and `action_mask` is False on them, so they never enter the loss.
@@ -32,11 +32,34 @@ Deliberate choices:
 - No image head is trained in full (`modules_to_save` is empty): the visual rows live inside the ~184k-row
   `lm_head` (0.75B parameters at 8B), and peft's modules_to_save would copy and train all of it (Adam states
   included) to move 32768 rows. LoRA on the language model moves the hidden states that those rows read.
+
+Think-then-draw (policies/plan.py; the release has no such mode, so every choice here is ours):
+- Plan-writing prompt: Emu3-Gen has no chat template, so the plan continues the caption: BOS + request (the plan
+  instruction around the prompt) + the release suffix, i.e. the release prompt without its image header (the suffix
+  sits before the plan because the header has to follow the plan directly). The plan is followed by the header
+  `<|image start|>{H}*{W}<|image token|>` (`image_prefix_ids`, tokenized alone: the special tokens around "{H}*{W}"
+  split it off, as in the processor's prompt). A plan stops at the end marker (EOS `<|extra_204|>` by default), at
+  `<|image start|>` (Emu3's generation sequences put it right after the caption, so it is the plan's natural end;
+  the header then goes on from the plan's own BOI), or at `max_tokens`. An empty plan (BOI at once) conditions the
+  image exactly like the release prompt.
+- The plan is written by the full `lm_head` (text steps need the whole vocabulary: 184622 logits per position, fine
+  for a short plan; the prompt positions' logits are computed too, in the prefill and when scoring), with the
+  visual tokens, the image markup but `<|image start|>`, every reserved `<|extra_N|>` token (EOL, EOF, BOS, ...),
+  and pad banned (`plan_banned_ids`; never the end marker). The image span keeps the restricted head and the forced
+  layout, and is the same H (W + 1) + 3 tokens after the plan span as without a plan.
+- CFG: the negative prompt stays the release's fixed text (with its header as configured): the unconditional
+  branch does not see the plan, so the guidance contrasts "prompt + plan" against the same negative as without a
+  plan. The plan itself is text and is sampled and scored without CFG.
+- The image context is the plan prompt + plan span (end marker and padding masked out, not removed) + header, one
+  row per sample (the sampler's prefill is per row then; without a plan it is per prompt and shared by the group,
+  as before). Positions come from the mask, so sampling (KV cache with holes) and scoring (one forward with the
+  same mask) see the same sequence as the compact one.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -56,6 +79,7 @@ from policies.base import (
     process_logits,
     sample_from_logits,
 )
+from policies.plan import ThinkThenDraw
 
 RELEASE_NEGATIVE_PROMPT = (
     "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst quality, "
@@ -63,6 +87,7 @@ RELEASE_NEGATIVE_PROMPT = (
 )
 RELEASE_PROMPT_SUFFIX = " masterpiece, film grained, best quality."
 EOL_TOKEN, EOF_TOKEN = "<|extra_200|>", "<|extra_201|>"
+EXTRA_TOKEN = re.compile(r"<\|extra_\d+\|>")  # reserved tokens: EOL, EOF, BOS, EOS, ...
 VQ_SPATIAL_FACTOR = 8  # Emu3Processor.downsample_ratio: pixels per token side, used to size the grid
 DEFAULT_RESOLUTION = 512  # 64x64 grid, 4163 completion tokens
 # Weight init of the tiny text model. With the default 0.02 the visual rows of a random lm_head are so short that no
@@ -85,7 +110,7 @@ def _saved_settings(model_name_or_path: str | None) -> dict:
     return saved
 
 
-class Emu3Policy(Policy):
+class Emu3Policy(ThinkThenDraw, Policy):
     name = "emu3"
     # Only the text model has *_proj layers that take part in generation; the regex keeps the VQ model out.
     lora_target_modules = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -144,12 +169,24 @@ class Emu3Policy(Policy):
             raise ValueError(f"expected {self.num_codes} visual tokens with contiguous ids in the vocabulary map")
         self.visual_start = ids[0]
 
+        # Think-then-draw: the header that follows a plan, and the tokens a plan may not write (see the hooks).
+        header = f"{tokenizer.boi_token}{self.height}*{self.width}{tokenizer.image_wrapper_token}"
+        self._image_header_ids = tokenizer(header, add_special_tokens=False)["input_ids"]
+        boi_id = token_id(tokenizer.boi_token)
+        if self._image_header_ids[0] != boi_id:
+            raise ValueError(f"Emu3 image header {header!r} does not start with <|image start|> when tokenized")
+        markup = [token_id(t) for t in (tokenizer.eoi_token, tokenizer.image_wrapper_token, tokenizer.image_token)]
+        extras = [i for t, i in tokenizer.get_vocab().items() if EXTRA_TOKEN.fullmatch(t)]
+        banned = set(range(self.visual_start, self.visual_start + self.num_codes)) | set(markup) | set(extras)
+        banned |= {tokenizer.bos_token_id, tokenizer.pad_token_id, self.eol_id, self.eof_id}
+        self._plan_banned = sorted(banned - {boi_id, None})
+
         # The completion layout: H rows of (W codes, EOL), then EOF, EOI, EOS. forced_tokens is -1 where free.
         row = [-1] * self.width + [self.eol_id]
         layout = torch.tensor(row * self.height + [self.eof_id, self.eoi_id, self.eos_id], dtype=torch.long)
         self.forced_tokens = layout
         self.free_positions = (layout < 0).nonzero().squeeze(-1)
-        self.num_completion_tokens = layout.numel()
+        self.num_image_tokens = layout.numel()
 
     # -- loading ------------------------------------------------------------------------------------------------
 
@@ -238,6 +275,35 @@ class Emu3Policy(Policy):
         """[1, Q]: BOS + negative prompt (+ the image header when `negative_prompt_header`)."""
         return self._encode([self.negative_prompt], with_header=self.negative_prompt_header)
 
+    # -- think-then-draw hooks (policies/plan.py): a caption continuation before the image header ---------------
+
+    @property
+    def plan_tokenizer(self):
+        """The processor's tokenizer: like the release's it adds no BOS, so `plan_prompt_text` writes it."""
+        return self.processor.tokenizer
+
+    def plan_prompt_text(self, request: str) -> str:
+        """BOS + request + the release suffix: the release prompt without its image header, which follows the plan
+        (so an empty plan, one that writes `<|image start|>` at once, gives exactly the release prompt)."""
+        return self.processor.tokenizer.bos_token + request + self.prompt_suffix
+
+    def text_logits(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
+        """Full-vocabulary logits (text steps need them; a plan is short), unlike the restricted image head."""
+        return self.model.lm_head(self._text_model(ids, mask, positions, cache))
+
+    @property
+    def image_prefix_ids(self) -> list[int]:
+        """`<|image start|>{H}*{W}<|image token|>`, the header the processor appends to a generation prompt."""
+        return self._image_header_ids
+
+    def plan_banned_ids(self) -> list[int]:
+        """Visual tokens, image markup but `<|image start|>`, the reserved `<|extra_N|>` tokens (EOL and EOF among
+        them), BOS and pad; never the plan's end marker."""
+        end = self.end_marker_id() if self.plan is not None else None
+        if end not in self._plan_banned:
+            return self._plan_banned
+        return [i for i in self._plan_banned if i != end]
+
     # -- the AR model -------------------------------------------------------------------------------------------
 
     def _text_model(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
@@ -269,15 +335,35 @@ class Emu3Policy(Policy):
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> Rollout:
+        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
+        plan = None
+        if self.plan is None:
+            # one context per prompt: prefilled once, its KV cache shared by the group's samples
+            ids, mask = self.encode_prompts(prompts)
+            neg_ids, neg_mask = self.encode_negative_prompt()
+            tokens, logprobs = self._sample_image(ids, mask, group_size, neg_ids, neg_mask, settings, generator)
+            ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+        else:
+            # one context per sample: plan prompt + its own plan + image header; the negative prompt is unchanged
+            ids, mask, plan = self.sample_plans(prompts, group_size, generator)
+            neg_ids, neg_mask = self.encode_negative_prompt()
+            context_ids, context_mask = self.plan_context(ids, mask, plan.ids)
+            tokens, logprobs = self._sample_image(context_ids, context_mask, 1, neg_ids, neg_mask, settings,
+                                                  generator)
+        n = len(ids)
+        free = (self.forced_tokens.to(self.device) < 0).repeat(n, 1)
+        extras = {"negative_ids": neg_ids.expand(n, -1).clone(), "negative_mask": neg_mask.expand(n, -1).clone()}
+        return self.make_rollout(prompts, group_size, ids, mask, tokens, free, logprobs, settings, plan, extras)
+
+    def _sample_image(self, ids: Tensor, mask: Tensor, repeats: int, neg_ids: Tensor, neg_mask: Tensor,
+                      settings: SamplingSettings, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """The image span after each context row, `repeats` samples per row (KV-cached, unbatched CFG with the
+        one-row negative prompt): tokens and log-probs [N, num_image_tokens]."""
         from transformers import DynamicCache
 
-        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
-        ids, mask = self.encode_prompts(prompts)
-        neg_ids, neg_mask = self.encode_negative_prompt()
-        n = len(prompts) * group_size
-
-        # Prefill each prompt once (and the negative prompt once), then share the caches across the rows.
-        rows = [(ids, mask, group_size)]
+        n = ids.shape[0] * repeats
+        # Prefill each context once (and the negative prompt once), then share the caches across the rows.
+        rows = [(ids, mask, repeats)]
         if settings.uses_cfg:
             rows.append((neg_ids, neg_mask, n))
         streams = []  # per row set: [cache, attention mask, next position, last hidden]
@@ -285,14 +371,15 @@ class Emu3Policy(Policy):
             cache = DynamicCache(config=self.model.config.text_config)
             positions = position_ids_from_mask(row_mask)
             hidden = self._text_model(row_ids, row_mask, positions, cache)[:, -1]
-            cache.batch_repeat_interleave(repeat)
+            if repeat > 1:
+                cache.batch_repeat_interleave(repeat)
             streams.append([cache, row_mask.repeat_interleave(repeat, 0), positions[:, -1:].repeat_interleave(
                 repeat, 0) + 1, hidden.repeat_interleave(repeat, 0)])
 
         forced = self.forced_tokens.to(self.device)
         last_free = int(self.free_positions[-1])
         tokens = forced.repeat(n, 1)
-        logprobs = torch.zeros(n, self.num_completion_tokens, dtype=torch.float32, device=self.device)
+        logprobs = torch.zeros(n, self.num_image_tokens, dtype=torch.float32, device=self.device)
         for t in range(last_free + 1):
             if forced[t] < 0:  # a free choice among the codes
                 logits = self._guided_logits(streams[0][3], streams[1][3] if settings.uses_cfg else None, settings)
@@ -305,50 +392,40 @@ class Emu3Policy(Policy):
                 attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
                 stream[3] = self._text_model(tokens[:, t : t + 1], attn, position, cache)[:, -1]
                 stream[1], stream[2] = attn, position + 1
+        return tokens, logprobs
 
-        return Rollout(
-            prompts=[p for p in prompts for _ in range(group_size)],
-            group_index=torch.arange(len(prompts), device=self.device).repeat_interleave(group_size),
-            prompt_ids=ids.repeat_interleave(group_size, 0),
-            prompt_mask=mask.repeat_interleave(group_size, 0),
-            completion_ids=tokens,
-            action_mask=(forced < 0).repeat(n, 1),
-            logprobs=logprobs,
-            sampling=settings,
-            extras={"negative_ids": neg_ids.expand(n, -1).clone(), "negative_mask": neg_mask.expand(n, -1).clone()},
-        )
-
-    def _check_layout(self, completion_ids: Tensor) -> None:
-        forced = self.forced_tokens.to(completion_ids.device)
-        if completion_ids.shape[1] != forced.numel():
-            raise ValueError(f"completion has {completion_ids.shape[1]} tokens, this policy's layout "
+    def _check_layout(self, image_ids: Tensor) -> None:
+        forced = self.forced_tokens.to(image_ids.device)
+        if image_ids.shape[1] != forced.numel():
+            raise ValueError(f"image span has {image_ids.shape[1]} tokens, this policy's layout "
                              f"({self.height}x{self.width}) has {forced.numel()}")
         free = forced < 0
-        codes = completion_ids[:, free] - self.visual_start
-        if not (completion_ids[:, ~free] == forced[~free]).all() or ((codes < 0) | (codes >= self.num_codes)).any():
+        codes = image_ids[:, free] - self.visual_start
+        if not (image_ids[:, ~free] == forced[~free]).all() or ((codes < 0) | (codes >= self.num_codes)).any():
             raise ValueError("completion does not follow the Emu3 layout (visual tokens, EOL per row, EOF EOI EOS)")
 
-    def _free_hidden(self, prefix_ids: Tensor, prefix_mask: Tensor, completion_ids: Tensor) -> Tensor:
+    def _free_hidden(self, prefix_ids: Tensor, prefix_mask: Tensor, image_ids: Tensor) -> Tensor:
         """Teacher forcing: final hidden states [N, F, D] that predict the free (visual) positions."""
         last_free = int(self.free_positions[-1])
-        previous = completion_ids[:, :last_free]
+        previous = image_ids[:, :last_free]
         ids = torch.cat([prefix_ids, previous], dim=1)
         mask = torch.cat([prefix_mask, prefix_mask.new_ones(previous.shape)], dim=1)
         hidden = self._text_model(ids, mask, position_ids_from_mask(mask))
-        # the hidden state at position P-1+t predicts completion token t
+        # the hidden state at position P-1+t predicts image token t
         return hidden[:, prefix_ids.shape[1] - 1 + self.free_positions.to(hidden.device)]
 
     def token_logprobs(self, rollout: Rollout, cfg_mode: CfgMode = "mixture", return_entropy: bool = False):
         check_cfg_mode(cfg_mode)
         settings = rollout.sampling
-        self._check_layout(rollout.completion_ids)
+        image_ids = rollout.image_ids
+        self._check_layout(image_ids)
         with_neg = cfg_mode == "mixture" and settings.uses_cfg
-        cond_hidden = self._free_hidden(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids)
+        # the image's context exactly as sampled: the prompt, or plan prompt + plan (holes masked) + image header
+        cond_hidden = self._free_hidden(*self.image_context(rollout), image_ids)
         neg_hidden = None
         if with_neg:
-            neg_hidden = self._free_hidden(rollout.extras["negative_ids"], rollout.extras["negative_mask"],
-                                           rollout.completion_ids)
-        codes = rollout.completion_ids[:, self.free_positions.to(cond_hidden.device)] - self.visual_start
+            neg_hidden = self._free_hidden(rollout.extras["negative_ids"], rollout.extras["negative_mask"], image_ids)
+        codes = image_ids[:, self.free_positions.to(cond_hidden.device)] - self.visual_start
 
         def head(cond_chunk: Tensor, neg_chunk: Tensor | None, code_chunk: Tensor) -> tuple[Tensor, Tensor]:
             logits = self._guided_logits(cond_chunk, neg_chunk, settings)
@@ -366,20 +443,21 @@ class Emu3Policy(Policy):
             parts.append(logp)
             entropies.append(entropy)
 
-        n, t = rollout.completion_ids.shape
+        n, t = image_ids.shape
         free = self.free_positions.to(cond_hidden.device)
         logprobs = torch.zeros(n, t, dtype=torch.float32, device=cond_hidden.device).index_copy(1, free,
                                                                                                 torch.cat(parts, 1))
+        entropy = None
         if return_entropy:
             entropy = torch.zeros(n, t, dtype=torch.float32, device=cond_hidden.device)
-            return logprobs, entropy.index_copy(1, free, torch.cat(entropies, 1).detach())
-        return logprobs
+            entropy = entropy.index_copy(1, free, torch.cat(entropies, 1).detach())
+        return self.join_plan_logprobs(rollout, logprobs, entropy, return_entropy)
 
     @torch.no_grad()
     def decode(self, rollout: Rollout) -> list[Image.Image]:
-        self._check_layout(rollout.completion_ids)
+        self._check_layout(rollout.image_ids)
         images = []
-        for chunk in rollout.completion_ids.split(self.decode_batch_size):
+        for chunk in rollout.image_ids.split(self.decode_batch_size):
             pixels = self.model.decode_image_tokens(image_tokens=chunk, height=self.height, width=self.width)
             pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [B, 3, H, W]
             images.extend(Image.fromarray(p) for p in pixels.permute(0, 2, 3, 1).cpu().numpy())

@@ -1,5 +1,8 @@
 """Emu3 specifics beyond the contract: the forced token layout, the restricted head against the model's own full
-logits, the release CFG formula, chunked scoring, the negative-prompt choice, and a short GRPO run that learns."""
+logits, the release CFG formula, chunked scoring, the negative-prompt choice, a short GRPO run that learns, and
+think-then-draw (the generic plan tests run in test_think_then_draw.py)."""
+
+import json
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ import policies
 from conftest import PROMPTS, reward_rise, run_tiny_grpo
 from policies.base import position_ids_from_mask
 from policies.emu3 import Emu3Policy
+from policies.plan import PlanSettings
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +164,107 @@ def test_grpo_on_the_demo_reward_rises(tmp_path):
     first, last = reward_rise(metrics)
     assert last >= first + 0.1, f"reward_mean went {first:.3f} -> {last:.3f}"
     assert metrics[0]["kl"] == 0.0 and metrics[0]["logprob_gap"] < 1e-4
+
+
+# -- think-then-draw ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def planner():
+    policy = policies.build("emu3", tiny=True)
+    policy.set_plan(PlanSettings(max_tokens=6, temperature=1.5))
+    return policy
+
+
+def test_plans_never_write_image_tokens_and_the_image_keeps_the_forced_layout(planner):
+    banned = set(planner.plan_banned_ids())
+    tok = planner.processor.tokenizer
+    structural = {planner.eol_id, planner.eof_id, planner.eoi_id, tok.bos_token_id, tok.pad_token_id,
+                  tok.convert_tokens_to_ids("<|image token|>"), tok.convert_tokens_to_ids("<image>")}
+    visual = set(planner.model.vocabulary_mapping.image_tokens)
+    assert visual | structural <= banned
+    assert planner.end_marker_id() not in banned and planner.image_prefix_ids[0] not in banned
+    assert len(banned) > len(tok) / 2  # most of the tiny vocabulary: an unbanned head would write them all the time
+
+    plan_width = planner.plan.max_tokens
+    rollout = sample(planner, group_size=8, seed=1)  # 16 plans at temperature 1.5
+    written = planner.plan_written(rollout.plan_ids)
+    assert written.sum() >= 40
+    assert not any(t in banned for t in rollout.plan_ids[written].tolist())
+    # the image span is exactly the no-plan layout, forced tokens out of the action mask and at log-prob 0
+    image = rollout.image_ids
+    assert image.shape[1] == planner.num_image_tokens and rollout.num_plan_tokens == plan_width
+    planner._check_layout(image)
+    free = (planner.forced_tokens < 0).expand_as(image)
+    assert torch.equal(rollout.action_mask[:, plan_width:], free)
+    assert (rollout.logprobs[:, plan_width:][~free] == 0).all() and (rollout.logprobs[:, plan_width:][free] < 0).all()
+    assert all(image.size == (planner.image_size,) * 2 for image in planner.decode(rollout.select(slice(0, 2))))
+
+
+def test_an_empty_plan_gives_the_release_prompt(planner):
+    """A plan that writes <|image start|> at once leaves the image exactly where the release prompt puts it."""
+    prompt_ids, prompt_mask = planner.encode_plan_prompts(PROMPTS)
+    release_ids, release_mask = planner.encode_prompts(PROMPTS)
+    header = planner.image_prefix_ids
+    assert release_ids[:, -len(header):].tolist() == [header] * len(PROMPTS)
+    assert torch.equal(torch.cat([prompt_ids, release_ids[:, -len(header):]], 1), release_ids)
+
+    planner.set_plan(None)
+    try:
+        plain = sample(planner, seed=2)
+    finally:
+        planner.set_plan(PlanSettings(max_tokens=6, temperature=1.5))
+    pad = planner.plan_tokenizer.pad_token_id
+    span = torch.full((len(plain), 6), pad)
+    span[:, 0] = header[0]
+    empty = plain.select(slice(None))
+    empty.prompt_ids, empty.prompt_mask = (x.repeat_interleave(2, 0) for x in (prompt_ids, prompt_mask))
+    empty.completion_ids, empty.num_plan_tokens = torch.cat([span, plain.completion_ids], 1), 6
+    with torch.no_grad():
+        scored = planner.token_logprobs(empty)
+    torch.testing.assert_close(scored[:, 6:], plain.logprobs, atol=1e-4, rtol=0)
+    assert (scored[:, 0] < 0).all() and (scored[:, 1:6] == 0).all()
+
+
+def test_image_after_a_plan_matches_the_unpadded_sequence_and_the_release_cfg(planner):
+    """Each row's image log-probs, as sampled, equal those of the model's own full forward over the compact
+    sequence BOS + prompt + suffix + written plan (no end marker) + header, one row at a time, no padding, no
+    holes; the unconditional branch is the release negative prompt, which does not see the plan."""
+    rollout = sample(planner, cfg_scale=3.0, seed=5)  # plans that stop at EOS, at <|image start|>, and neither
+    neg_ids, neg_mask = planner.encode_negative_prompt()
+    assert torch.equal(rollout.extras["negative_ids"], neg_ids.expand(len(rollout), -1))
+    written = planner.plan_written(rollout.plan_ids)
+    end, header = planner.end_marker_id(), torch.tensor(planner.image_prefix_ids)
+    free = planner.free_positions
+    columns = slice(planner.visual_start, planner.visual_start + planner.num_codes)
+    stops = set()
+    for row in range(len(rollout)):
+        prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()]
+        plan = rollout.plan_ids[row][written[row]]
+        plan = plan[plan != end]
+        if len(plan) and plan[-1] == header[0]:  # the plan wrote <|image start|>: the header goes on from there
+            stops.add("boi")
+            plan = plan[:-1]
+        else:
+            stops.add("eos" if len(plan) < written[row].sum() else "none")
+        context = torch.cat([prompt, plan, header])[None]
+        image = rollout.image_ids[row : row + 1]
+        with torch.no_grad():
+            c = full_vocab_logits(planner, context, torch.ones_like(context), image)[:, free, columns]
+            u = full_vocab_logits(planner, neg_ids, neg_mask, image)[:, free, columns]
+        guided = (3.0 * (c.log_softmax(-1) - u.log_softmax(-1)) + u.log_softmax(-1)).log_softmax(-1)
+        expected = guided.gather(-1, (image[:, free] - planner.visual_start)[..., None]).squeeze(-1)
+        torch.testing.assert_close(rollout.logprobs[row : row + 1, planner.plan.max_tokens + free], expected,
+                                   atol=1e-4, rtol=0)
+    assert stops == {"eos", "boi", "none"} and (rollout.prompt_mask == 0).any()  # holes and padding to get wrong
+
+
+def test_emu3_trains_plan_and_image_through_the_trainer(tmp_path):
+    metrics = run_tiny_grpo(tmp_path, "emu3", {"tiny": True}, 2, prompts=["a red image"],
+                            per_device_train_batch_size="8", plan="true", plan_max_tokens="4",
+                            plan_temperature="1.2", cfg_scale="3.0", image_log_steps="1")
+    assert all(m["loss"] == m["loss"] for m in metrics) and metrics[0]["logprob_gap"] < 1e-4
+    assert metrics[0]["kl"] == 0.0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "plans.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == [1] * 8 + [2] * 8
+    assert all(entry["prompt"] == "a red image" and isinstance(entry["plan"], str) for entry in logged)

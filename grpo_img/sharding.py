@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# accelerate's FSDP options that this trainer does not implement; each is refused with the reason
+# accelerate's FSDP options (config name without "fsdp_") that this trainer does not implement, with the reason
 _REFUSED = {
     "offload_params": "parameter offload to CPU is not implemented for the per-layer sharding",
     "cpu_ram_efficient_loading": ("it makes transformers load real weights on process 0 only, and the per-layer "
@@ -70,8 +70,13 @@ def fsdp_settings(accelerator) -> FSDPSettings | None:
         raise NotImplementedError(f"FSDP version {plugin.fsdp_version} is not supported: the trainer shards with "
                                   "FSDP2 (torch's fully_shard); set `fsdp_version: 2` in the accelerate config "
                                   "(configs/accelerate/fsdp.yaml)")
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    chosen = {"offload_params": isinstance(plugin.cpu_offload, CPUOffloadPolicy),
+              "cpu_ram_efficient_loading": bool(plugin.cpu_ram_efficient_loading),
+              "activation_checkpointing": bool(plugin.activation_checkpointing)}
     for option, why in _REFUSED.items():
-        if getattr(plugin, option, False):
+        if chosen[option]:
             raise NotImplementedError(f"FSDP option fsdp_{option} is not supported by this trainer: {why}")
     wrap = plugin.auto_wrap_policy
     if wrap is not None and getattr(wrap, "__name__", "") == "size_based_auto_wrap_policy":

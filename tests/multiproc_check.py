@@ -134,8 +134,10 @@ def main(out: str) -> None:
     fsdp = check_distributed_type(accelerator) is not None
     result = {"world": accelerator.num_processes, "fixed": fixed_batch(accelerator)}
     run = str(Path(out) / "run")
-    # under FSDP: a mid-way checkpoint too, and a second run that resumes from it
-    overrides = {"save_steps": STEPS - 1, "save_total_limit": 0} if fsdp else {}
+    # under FSDP: a mid-way checkpoint too, a second run that resumes from it, and an evaluation after the last
+    # step (every process must take part in it)
+    overrides = {"save_steps": STEPS - 1, "save_total_limit": 0, "eval_steps": STEPS, "eval_prompts": PROMPTS[:1],
+                 "eval_num_images": 2} if fsdp else {}
     result["initial"], result["trained"], result["sharded"] = trained_parameters(run, **overrides)
     if fsdp:
         _, result["resumed"], _ = trained_parameters(run, resume=f"{run}/checkpoint-{STEPS - 1}", **overrides)

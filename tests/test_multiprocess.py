@@ -77,6 +77,10 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
     assert all(".language_model.layers." in n for n in sharded), "only the decoder layers are sharded"
     assert_matches_one_process(ranks)
 
+    from grpo_img.reporting import read_metrics
+
+    assert any(key.startswith("eval/") for key in read_metrics(tmp_path / "run")[-1]), "no evaluation logged"
+
     trained = ranks[0]["trained"]
     for name, weight in ranks[0]["resumed"].items():
         torch.testing.assert_close(weight, trained[name], msg=lambda m: f"resumed {name}: {m}")

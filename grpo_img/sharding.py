@@ -17,7 +17,10 @@ all-gathers it, and KV-cached sampling runs one forward per image token: T all-g
 (576 for Janus-Pro), against one per micro-batch in scoring. `reshard_after_forward=False` (accelerate's
 `fsdp_reshard_after_forward: false`) keeps the gathered layers after their first forward, which makes sampling
 gather once, at the price of holding the full weights on every process between forward and backward (ZeRO-2-like
-memory for parameters, still sharded gradients and optimizer states).
+memory for parameters, still sharded gradients and optimizer states). In between, the trainer's
+`fsdp_gather_for_sampling: true` keeps the layers gathered during sampling only (`kept_gathered`): one all-gather
+per layer per rollout, full weights held while sampling (no activations are stored then), sharded again for
+scoring and backward.
 
 Saving gathers full tensors of the trainable parameters only (`full_trainable_state`), so the adapter is a plain
 peft adapter; the optimizer state is saved in the full, name-keyed form of `torch.distributed.checkpoint` and
@@ -26,8 +29,10 @@ loaded back with `set_optimizer_state_dict`, so a resume may use another number 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -118,7 +123,25 @@ def shard_policy(policy, settings: FSDPSettings, device: torch.device) -> int:
         # explicit: a layer is its own FSDP root, and FSDP2 keeps a root's weights gathered after forward unless
         # told otherwise (reshard_after_forward=None)
         fully_shard(layer, mesh=mesh, reshard_after_forward=settings.reshard_after_forward)
+        layer.grpo_reshard_after_forward = settings.reshard_after_forward  # restored by kept_gathered
     return len(layers)
+
+
+@contextlib.contextmanager
+def kept_gathered(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within the block, a sharded layer stays gathered after its first forward (one all-gather per layer instead
+    of one per forward: for KV-cached sampling); resharded on exit. A no-op for a model without sharded layers."""
+    from torch.distributed.fsdp import FSDPModule
+
+    layers = [m for m in model.modules() if isinstance(m, FSDPModule)] if enabled else []
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.reshard()
+            layer.set_reshard_after_forward(getattr(layer, "grpo_reshard_after_forward", True), recurse=False)
 
 
 def is_sharded(param: torch.Tensor) -> bool:

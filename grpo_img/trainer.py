@@ -27,7 +27,8 @@ from grpo_img.data import PromptRecord, PromptSchedule, load_prompts
 from grpo_img.loss import LossNormalizer, group_advantages, grpo_loss
 from grpo_img.reporting import MetricsLog, image_grid, plot_reward_curve, read_metrics
 from grpo_img.sharding import (FSDPSettings, clip_grad_norm, fsdp_settings, full_optimizer_state,
-                               full_trainable_state, is_sharded, load_full_optimizer_state, shard_policy)
+                               full_trainable_state, is_sharded, kept_gathered, load_full_optimizer_state,
+                               shard_policy)
 from policies.base import Policy, Rollout
 from rewards.base import Reward, score_isolated
 
@@ -61,7 +62,7 @@ def grpo_step(
     generator = torch.Generator(accelerator.device).manual_seed(
         config.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index)
     policy.model.eval()
-    with accelerator.autocast():
+    with accelerator.autocast(), kept_gathered(policy.model, config.fsdp_gather_for_sampling):
         rollout = policy.sample(prompts, group_size, cfg_scale=config.cfg_scale, temperature=config.temperature,
                                 top_k=config.top_k, top_p=config.top_p, generator=generator)
     t_sample = time.perf_counter()
@@ -367,7 +368,7 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
         done = step + 1
         evaluate_now = bool(config.eval_steps) and (done % config.eval_steps == 0 or done == config.max_steps)
         if evaluate_now and evaluates_here:  # unsharded, the other processes wait at the next collective
-            with accelerator.autocast():
+            with accelerator.autocast(), kept_gathered(policy.model, config.fsdp_gather_for_sampling):
                 metrics.update(run_evaluation(policy, evaluation, config))
         if accelerator.is_main_process:
             if done % config.logging_steps == 0 or done == config.max_steps or evaluate_now:

@@ -11,8 +11,10 @@ Every process writes OUT_DIR/rank{R}.pt with
   `window_backward` on this process's whole groups;
 - "initial", "trained": every parameter of the policy before and after `train()` ran a few steps on this many
   processes (gathered to full tensors where sharded);
-- under FSDP also "sharded" (names of the parameters FSDP sharded) and "resumed": every parameter after a second
-  `train()` that resumed from the run's mid-way checkpoint and ran to the same end.
+- under FSDP also "sharded" (names of the parameters FSDP sharded), "resumed": every parameter after a second
+  `train()` that resumed from the run's mid-way checkpoint and ran to the same end, and in "fixed"
+  "gathered_sampling_equal": whether sampling with the layers kept gathered drew the same tokens. The FSDP runs
+  sample with `fsdp_gather_for_sampling`, evaluate after the last step and save a mid-way checkpoint.
 The test computes the same "fixed" numbers in one process over the union of the samples (`fixed_batch(...)`) and
 compares.
 """
@@ -51,7 +53,7 @@ def fixed_batch(accelerator) -> dict:
     """Loss and synchronised gradients of one fixed rollout batch, per loss type, on this process's share."""
     import rewards
     from grpo_img.loss import group_advantages
-    from grpo_img.sharding import full_tensor
+    from grpo_img.sharding import full_tensor, kept_gathered
     from grpo_img.trainer import (check_distributed_type, score_with_isolation, setup_policy, shard_for_training,
                                   sync_gradients, window_backward)
 
@@ -64,13 +66,20 @@ def fixed_batch(accelerator) -> dict:
         noise = torch.Generator().manual_seed(1)
         for p in adapter + heads:
             p.add_(0.02 * torch.randn(p.shape, generator=noise))
-    shard_for_training(policy, check_distributed_type(accelerator), accelerator)  # under FSDP only
+    sharding = check_distributed_type(accelerator)
+    shard_for_training(policy, sharding, accelerator)  # under FSDP only
     adapter, heads = policy.trainable_parameters()
     params = adapter + heads
     names = {id(p): n for n, p in policy.model.named_parameters()}
 
     # the whole batch, sampled identically on every process; each process then keeps its own whole groups
     rollout = policy.sample(PROMPTS, GROUP, cfg_scale=config.cfg_scale, generator=torch.Generator().manual_seed(3))
+    results = {}
+    if sharding is not None:  # sampling with the layers kept gathered draws the same tokens
+        with kept_gathered(policy.model):
+            again = policy.sample(PROMPTS, GROUP, cfg_scale=config.cfg_scale,
+                                  generator=torch.Generator().manual_seed(3))
+        results["gathered_sampling_equal"] = torch.equal(again.completion_ids, rollout.completion_ids)
     values, _ = score_with_isolation(rewards.build_composite(config.rewards), policy.decode(rollout),
                                      rollout.prompts, [{}] * len(rollout))
     values[list(UNSCORED)] = float("nan")
@@ -82,7 +91,6 @@ def fixed_batch(accelerator) -> dict:
     with torch.no_grad(), policy.reference():
         ref = policy.token_logprobs(rollout, config.cfg_mode).float()
 
-    results = {}
     for loss_type in LOSS_TYPES:
         config.loss_type = loss_type
         for p in params:
@@ -137,7 +145,7 @@ def main(out: str) -> None:
     # under FSDP: a mid-way checkpoint too, a second run that resumes from it, and an evaluation after the last
     # step (every process must take part in it)
     overrides = {"save_steps": STEPS - 1, "save_total_limit": 0, "eval_steps": STEPS, "eval_prompts": PROMPTS[:1],
-                 "eval_num_images": 2} if fsdp else {}
+                 "eval_num_images": 2, "fsdp_gather_for_sampling": True} if fsdp else {}
     result["initial"], result["trained"], result["sharded"] = trained_parameters(run, **overrides)
     if fsdp:
         _, result["resumed"], _ = trained_parameters(run, resume=f"{run}/checkpoint-{STEPS - 1}", **overrides)

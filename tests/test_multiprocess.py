@@ -75,6 +75,7 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
     sharded = ranks[0]["sharded"]
     assert any("lora_A" in n for n in sharded) and any("base_layer" in n for n in sharded)
     assert all(".language_model.layers." in n for n in sharded), "only the decoder layers are sharded"
+    assert all(rank["fixed"]["gathered_sampling_equal"] for rank in ranks)
     assert_matches_one_process(ranks)
 
     from grpo_img.reporting import read_metrics

@@ -145,7 +145,7 @@ def main(out: str) -> None:
     # under FSDP: a mid-way checkpoint too, a second run that resumes from it, and an evaluation after the last
     # step (every process must take part in it)
     overrides = {"save_steps": STEPS - 1, "save_total_limit": 0, "eval_steps": STEPS, "eval_prompts": PROMPTS[:1],
-                 "eval_num_images": 2, "fsdp_gather_for_sampling": True} if fsdp else {}
+                 "eval_num_images": 2, "fsdp_gather_for_sampling": True, "gradient_checkpointing": True} if fsdp else {}
     result["initial"], result["trained"], result["sharded"] = trained_parameters(run, **overrides)
     if fsdp:
         _, result["resumed"], _ = trained_parameters(run, resume=f"{run}/checkpoint-{STEPS - 1}", **overrides)

@@ -61,16 +61,23 @@ def assert_matches_one_process(ranks: list[dict]) -> None:
     assert any("lora" in n for n in moved) and len(moved) > 10
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-    assert_matches_one_process(launch(tmp_path, "multi_cpu"))
+@pytest.fixture(scope="module")
+def data_parallel_ranks(tmp_path_factory) -> list[dict]:
+    return launch(tmp_path_factory.mktemp("ddp"), "multi_cpu")
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process(data_parallel_ranks):
+    assert_matches_one_process(data_parallel_ranks)
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_process(tmp_path, data_parallel_ranks):
     """configs/accelerate/fsdp.yaml on 2 CPU processes: the decoder layers sharded (FSDP2 over gloo), the same
     loss and gradients (gathered to full) as one process on the union of samples, identical weights across
-    processes; a resumed run ends where the uninterrupted one did; the saved adapter loads with plain peft."""
+    processes, and the same trained weights as the data-parallel run (here with gradient checkpointing and the
+    layers kept gathered while sampling); a resumed run ends where the uninterrupted one did; the saved adapter
+    loads with plain peft."""
     ranks = launch(tmp_path, "fsdp", "--num_processes", "2", "--mixed_precision", "no")
     sharded = ranks[0]["sharded"]
     assert any("lora_A" in n for n in sharded) and any("base_layer" in n for n in sharded)
@@ -83,6 +90,9 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
     assert any(key.startswith("eval/") for key in read_metrics(tmp_path / "run")[-1]), "no evaluation logged"
 
     trained = ranks[0]["trained"]
+    assert trained.keys() == data_parallel_ranks[0]["trained"].keys()
+    for name, weight in data_parallel_ranks[0]["trained"].items():
+        torch.testing.assert_close(trained[name], weight, msg=lambda m: f"FSDP vs DDP {name}: {m}")
     for name, weight in ranks[0]["resumed"].items():
         torch.testing.assert_close(weight, trained[name], msg=lambda m: f"resumed {name}: {m}")
 

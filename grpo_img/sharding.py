@@ -24,7 +24,8 @@ scoring and backward.
 
 Saving gathers full tensors of the trainable parameters only (`full_trainable_state`), so the adapter is a plain
 peft adapter; the optimizer state is saved in the full, name-keyed form of `torch.distributed.checkpoint` and
-loaded back with `set_optimizer_state_dict`, so a resume may use another number of processes.
+loaded back with `set_optimizer_state_dict` (that layout does not depend on the number of processes; resuming
+on another number than was saved is untested).
 """
 
 from __future__ import annotations

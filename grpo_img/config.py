@@ -80,6 +80,7 @@ class GRPOImgConfig:
     lora_dropout: float = 0.0
     train_image_heads: bool = True  # image heads as peft modules_to_save, where the family has them
     gradient_checkpointing: bool = False
+    fsdp_gather_for_sampling: bool = False  # under FSDP: keep the layers gathered while sampling (grpo_img/sharding.py)
     bf16: bool | None = None  # None: bf16 autocast on GPU, fp32 on CPU
     seed: int = 42
 

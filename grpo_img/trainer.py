@@ -21,11 +21,14 @@ from trl.trainer.utils import disable_dropout_in_model
 
 import policies
 import rewards
-from grpo_img.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from grpo_img.checkpoint import find_checkpoint, load_adapter, load_trainer_state, save_checkpoint
 from grpo_img.config import GRPOImgConfig, save_config
 from grpo_img.data import PromptRecord, PromptSchedule, load_prompts
 from grpo_img.loss import LossNormalizer, group_advantages, grpo_loss
 from grpo_img.reporting import MetricsLog, image_grid, plot_reward_curve, read_metrics
+from grpo_img.sharding import (FSDPSettings, clip_grad_norm, fsdp_settings, full_optimizer_state,
+                               full_trainable_state, is_sharded, kept_gathered, load_full_optimizer_state,
+                               shard_policy)
 from policies.base import Policy, Rollout
 from rewards.base import Reward, score_isolated
 
@@ -59,7 +62,7 @@ def grpo_step(
     generator = torch.Generator(accelerator.device).manual_seed(
         config.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index)
     policy.model.eval()
-    with accelerator.autocast():
+    with accelerator.autocast(), kept_gathered(policy.model, config.fsdp_gather_for_sampling):
         rollout = policy.sample(prompts, group_size, cfg_scale=config.cfg_scale, temperature=config.temperature,
                                 top_k=config.top_k, top_p=config.top_p, generator=generator)
     t_sample = time.perf_counter()
@@ -117,7 +120,7 @@ def grpo_step(
             finite = torch.isfinite(total_loss).item()
             if finite:
                 sync_gradients(params, accelerator)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                grad_norm = clip_grad_norm(params, config.max_grad_norm)  # sharded or not
                 finite = bool(torch.isfinite(grad_norm))
             if finite:
                 optimizer.step()
@@ -216,8 +219,10 @@ def sync_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -
 
     One all-reduce over a flat buffer of every gradient (a per-tensor all-reduce would be hundreds of small calls
     for a LoRA adapter). A parameter that got a gradient on some processes but not on others takes part with zeros
-    there; one that got none anywhere keeps no gradient, as in a single process."""
-    if accelerator.num_processes == 1:
+    there; one that got none anywhere keeps no gradient, as in a single process. Parameters sharded by FSDP
+    (DTensors, see grpo_img/sharding.py) are left out: FSDP has already reduce-scattered their averaged gradients."""
+    params = [p for p in params if not is_sharded(p)]
+    if accelerator.num_processes == 1 or not params:
         return
     has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=accelerator.device)
     has_grad = accelerator.reduce(has_grad, "sum") > 0
@@ -232,17 +237,19 @@ def sync_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -
         offset += p.numel()
 
 
-def check_distributed_type(accelerator: Accelerator) -> None:
-    """Refuse set-ups that would shard the model: see README, "Many processes"."""
+def check_distributed_type(accelerator: Accelerator) -> FSDPSettings | None:
+    """The sharding this launch asks for: FSDP settings (grpo_img/sharding.py), or None for data-parallel.
+    DeepSpeed is refused: see README, "Many processes"."""
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise NotImplementedError(
-            f"accelerate is configured for {accelerator.distributed_type.value}, which this trainer does not support "
-            "yet: it never passes the model through accelerator.prepare (policies call their submodules directly, "
-            "so a wrapper's forward hooks, which FSDP and ZeRO-3 need to gather sharded weights, would not run), "
-            "and DeepSpeed also needs its engine for backward and the optimizer step. Use a DDP config "
-            "(configs/accelerate/ddp.yaml, multi_node_ddp.yaml) instead; see README, 'Many processes'.")
+            "accelerate is configured for DeepSpeed, which this trainer does not support: DeepSpeed needs the model "
+            "and optimizer passed through accelerator.prepare together and its engine for backward and the "
+            "optimizer step (and ZeRO-3 gathers weights in hooks on the engine's forward, which the policies "
+            "bypass by calling their submodules directly). Use configs/accelerate/fsdp.yaml to shard the model, "
+            "or a DDP config (ddp.yaml, multi_node_ddp.yaml); see README, 'Many processes'.")
+    return fsdp_settings(accelerator)
 
 
 def broadcast_trainable(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
@@ -255,6 +262,24 @@ def broadcast_trainable(params: list[torch.nn.Parameter], accelerator: Accelerat
     with torch.no_grad():
         for p in params:
             dist.broadcast(p.data, src=0)
+
+
+def shard_for_training(policy: Policy, sharding: FSDPSettings | None, accelerator: Accelerator) -> None:
+    """Under FSDP, shard the policy's decoder layers (after `broadcast_trainable`, before the optimizer is built:
+    sharding replaces the layers' parameters)."""
+    if sharding is None:
+        return
+    count = shard_policy(policy, sharding, accelerator.device)
+    log.info("FSDP: %d decoder layers sharded over %d processes (reshard_after_forward=%s)", count,
+             accelerator.num_processes, sharding.reshard_after_forward)
+
+
+def gather_for_saving(policy: Policy, optimizer, sharding: FSDPSettings | None) -> tuple[dict | None, dict | None]:
+    """Under FSDP, the full trainable weights and optimizer state for process 0 to write (collective: every
+    process calls it); (None, None) otherwise, where process 0 already holds everything."""
+    if sharding is None:
+        return None, None
+    return full_trainable_state(policy.peft_model), full_optimizer_state(policy.peft_model, optimizer)
 
 
 def score_with_isolation(reward_fn: Reward, images, prompts, metadata) -> tuple[torch.Tensor, int]:
@@ -290,7 +315,7 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     """Run GRPO as configured; returns the output directory."""
     use_bf16 = config.bf16 if config.bf16 is not None else torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
-    check_distributed_type(accelerator)
+    sharding = check_distributed_type(accelerator)
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -304,6 +329,11 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     policy = setup_policy(config, accelerator.device)
     adapter_params, head_params = policy.trainable_parameters()
     broadcast_trainable(adapter_params + head_params, accelerator)
+    checkpoint = find_checkpoint(output_dir, resume) if resume else None
+    if checkpoint is not None:
+        load_adapter(checkpoint, policy.peft_model)  # into the full weights, before sharding
+    shard_for_training(policy, sharding, accelerator)
+    adapter_params, head_params = policy.trainable_parameters()
     log.info("policy %s: %d trainable parameters of %d", config.policy,
              sum(p.numel() for p in adapter_params + head_params), sum(p.numel() for p in policy.model.parameters()))
     param_groups = [{"params": adapter_params, "lr": config.learning_rate},
@@ -316,16 +346,20 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     optimizer = accelerator.prepare_optimizer(optimizer)
 
     state, start_step = RunState(), 0
-    if resume:
-        checkpoint = find_checkpoint(output_dir, resume)
-        saved = load_checkpoint(checkpoint, policy.peft_model, optimizer, scheduler)
+    if checkpoint is not None:
+        load_optimizer = (lambda saved: load_full_optimizer_state(policy.peft_model, optimizer, saved)) \
+            if sharding is not None else None
+        saved = load_trainer_state(checkpoint, optimizer, scheduler, load_optimizer)
         start_step = saved["step"]
         state = RunState(**saved["run_state"])
         log.info("resumed from %s at step %d", checkpoint, start_step)
     metrics_log = MetricsLog(output_dir, config.report_to_tensorboard, resume_step=start_step if resume else None) \
         if accelerator.is_main_process else None
 
-    evaluation = setup_evaluation(config) if accelerator.is_main_process else None
+    # evaluation runs on the main process only, unless the layers are sharded: then every process must take part
+    # in every forward (each samples the same images; process 0 logs)
+    evaluates_here = accelerator.is_main_process or sharding is not None
+    evaluation = setup_evaluation(config) if evaluates_here else None
     progress = tqdm(total=config.max_steps, initial=start_step, desc="GRPO", disable=not accelerator.is_main_process)
     for step in range(start_step, config.max_steps):
         batch = schedule.at_step(step)
@@ -333,10 +367,10 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
                                                             config, accelerator, state)
         done = step + 1
         evaluate_now = bool(config.eval_steps) and (done % config.eval_steps == 0 or done == config.max_steps)
+        if evaluate_now and evaluates_here:  # unsharded, the other processes wait at the next collective
+            with accelerator.autocast(), kept_gathered(policy.model, config.fsdp_gather_for_sampling):
+                metrics.update(run_evaluation(policy, evaluation, config))
         if accelerator.is_main_process:
-            if evaluate_now:  # on the main process only; the others wait at the next collective
-                with accelerator.autocast():
-                    metrics.update(run_evaluation(policy, evaluation, config))
             if done % config.logging_steps == 0 or done == config.max_steps or evaluate_now:
                 metrics_log.log(metrics)
             if config.image_log_steps and (done % config.image_log_steps == 0 or done == 1):
@@ -345,18 +379,21 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
         if config.save_steps and done % config.save_steps == 0 and done < config.max_steps \
                 and state.nonfinite_in_a_row == 0:
             accelerator.wait_for_everyone()
+            adapter_state, optimizer_state = gather_for_saving(policy, optimizer, sharding)
             if accelerator.is_main_process:
                 save_checkpoint(output_dir, done, policy.peft_model, optimizer, scheduler,
-                                {"run_state": vars(state).copy()}, config.save_total_limit)
+                                {"run_state": vars(state).copy()}, config.save_total_limit, adapter_state,
+                                optimizer_state)
         progress.update(1)
         progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}")
     progress.close()
 
     accelerator.wait_for_everyone()
+    adapter_state, optimizer_state = gather_for_saving(policy, optimizer, sharding)
     if accelerator.is_main_process:
         save_checkpoint(output_dir, config.max_steps, policy.peft_model, optimizer, scheduler,
-                        {"run_state": vars(state).copy()}, config.save_total_limit)
-        policy.peft_model.save_pretrained(output_dir / "adapter")
+                        {"run_state": vars(state).copy()}, config.save_total_limit, adapter_state, optimizer_state)
+        policy.peft_model.save_pretrained(output_dir / "adapter", state_dict=adapter_state)
         metrics_log.close()
         plot_reward_curve(read_metrics(output_dir), output_dir / "reward_curve.png")
         log.info("done: adapter in %s, reward curve in %s", output_dir / "adapter", output_dir / "reward_curve.png")

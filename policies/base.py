@@ -272,6 +272,15 @@ class Policy(ABC):
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         return ([p for n, p in named if "modules_to_save" not in n], [p for n, p in named if "modules_to_save" in n])
 
+    def decoder_layers(self) -> list[nn.Module]:
+        """The language model's transformer blocks, which FSDP shards one by one (grpo_img/sharding.py).
+
+        Default: the modules whose class the transformers model lists in `_no_split_modules` and whose name ends
+        in "DecoderLayer", transformers' name for language-model blocks (vision and VQ blocks in that list are
+        named otherwise, and stay replicated). A family whose blocks are named differently overrides this."""
+        names = {n for n in getattr(self.model, "_no_split_modules", None) or () if n.endswith("DecoderLayer")}
+        return [m for m in self.model.modules() if type(m).__name__ in names]
+
     def enable_gradient_checkpointing(self) -> None:
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

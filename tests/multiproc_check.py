@@ -1,13 +1,20 @@
 """Run under `accelerate launch` by tests/test_multiprocess.py (not a test module itself):
 
     accelerate launch --config_file configs/accelerate/multi_cpu.yaml tests/multiproc_check.py OUT_DIR
+    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 tests/multiproc_check.py OUT_DIR
+
+(the second with ACCELERATE_USE_CPU=true: FSDP2 over gloo, the decoder layers sharded by the trainer.)
 
 Every process writes OUT_DIR/rank{R}.pt with
 - "fixed": for one fixed rollout batch of every process's samples, per loss type, the loss of the window (the mean
   of the processes' shares) and the gradients after `sync_gradients`, computed by the trainer's own
   `window_backward` on this process's whole groups;
 - "initial", "trained": every parameter of the policy before and after `train()` ran a few steps on this many
-  processes.
+  processes (gathered to full tensors where sharded);
+- under FSDP also "sharded" (names of the parameters FSDP sharded), "resumed": every parameter after a second
+  `train()` that resumed from the run's mid-way checkpoint and ran to the same end, and in "fixed"
+  "gathered_sampling_equal": whether sampling with the layers kept gathered drew the same tokens. The FSDP runs
+  sample with `fsdp_gather_for_sampling`, evaluate after the last step and save a mid-way checkpoint.
 The test computes the same "fixed" numbers in one process over the union of the samples (`fixed_batch(...)`) and
 compares.
 """
@@ -46,22 +53,33 @@ def fixed_batch(accelerator) -> dict:
     """Loss and synchronised gradients of one fixed rollout batch, per loss type, on this process's share."""
     import rewards
     from grpo_img.loss import group_advantages
-    from grpo_img.trainer import score_with_isolation, setup_policy, sync_gradients, window_backward
+    from grpo_img.sharding import full_tensor, kept_gathered
+    from grpo_img.trainer import (check_distributed_type, score_with_isolation, setup_policy, shard_for_training,
+                                  sync_gradients, window_backward)
 
     rank, world = accelerator.process_index, accelerator.num_processes
     config = check_config(world, "unused")
     torch.manual_seed(config.seed)
     policy = setup_policy(config, accelerator.device)
     adapter, heads = policy.trainable_parameters()
-    params = adapter + heads
-    names = {id(p): n for n, p in policy.model.named_parameters()}
     with torch.no_grad():  # move away from the reference policy (LoRA B = 0) so that the KL term has a gradient
         noise = torch.Generator().manual_seed(1)
-        for p in params:
+        for p in adapter + heads:
             p.add_(0.02 * torch.randn(p.shape, generator=noise))
+    sharding = check_distributed_type(accelerator)
+    shard_for_training(policy, sharding, accelerator)  # under FSDP only
+    adapter, heads = policy.trainable_parameters()
+    params = adapter + heads
+    names = {id(p): n for n, p in policy.model.named_parameters()}
 
     # the whole batch, sampled identically on every process; each process then keeps its own whole groups
     rollout = policy.sample(PROMPTS, GROUP, cfg_scale=config.cfg_scale, generator=torch.Generator().manual_seed(3))
+    results = {}
+    if sharding is not None:  # sampling with the layers kept gathered draws the same tokens
+        with kept_gathered(policy.model):
+            again = policy.sample(PROMPTS, GROUP, cfg_scale=config.cfg_scale,
+                                  generator=torch.Generator().manual_seed(3))
+        results["gathered_sampling_equal"] = torch.equal(again.completion_ids, rollout.completion_ids)
     values, _ = score_with_isolation(rewards.build_composite(config.rewards), policy.decode(rollout),
                                      rollout.prompts, [{}] * len(rollout))
     values[list(UNSCORED)] = float("nan")
@@ -73,7 +91,6 @@ def fixed_batch(accelerator) -> dict:
     with torch.no_grad(), policy.reference():
         ref = policy.token_logprobs(rollout, config.cfg_mode).float()
 
-    results = {}
     for loss_type in LOSS_TYPES:
         config.loss_type = loss_type
         for p in params:
@@ -83,14 +100,20 @@ def fixed_batch(accelerator) -> dict:
                                accelerator, sums)
         loss = accelerator.reduce(loss, "sum") / world
         sync_gradients(params, accelerator)
-        results[loss_type] = {"loss": loss.item(), "grads": {names[id(p)]: p.grad.clone() for p in params}}
+        # full_tensor: collective, in the same order on every process
+        results[loss_type] = {"loss": loss.item(),
+                              "grads": {names[id(p)]: full_tensor(p.grad).clone() for p in params}}
     return results
 
 
-def trained_parameters(output_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Every parameter before and after `train()`; the policy is caught on its way out of `setup_policy`."""
+def trained_parameters(output_dir: str, resume: str | None = None,
+                       **overrides) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], set[str]]:
+    """Every parameter before and after `train()` (full tensors), and the names of those FSDP sharded; the policy
+    is caught on its way out of `setup_policy`."""
     import grpo_img.trainer as trainer
     from accelerate import PartialState
+
+    from grpo_img.sharding import full_tensor, is_sharded
 
     caught = {}
     setup = trainer.setup_policy
@@ -102,18 +125,30 @@ def trained_parameters(output_dir: str) -> tuple[dict[str, torch.Tensor], dict[s
 
     trainer.setup_policy = catching
     try:
-        trainer.train(check_config(PartialState().num_processes, output_dir))
+        trainer.train(check_config(PartialState().num_processes, output_dir, **overrides), resume=resume)
     finally:
         trainer.setup_policy = setup
-    return caught["before"], {n: p.detach().clone() for n, p in caught["policy"].model.named_parameters()}
+    after = caught["policy"].model.named_parameters()
+    sharded = {n for n, p in caught["policy"].model.named_parameters() if is_sharded(p)}
+    return caught["before"], {n: full_tensor(p.detach()).clone() for n, p in after}, sharded
 
 
 def main(out: str) -> None:
     from accelerate import Accelerator
 
+    from grpo_img.trainer import check_distributed_type
+
     accelerator = Accelerator()
+    fsdp = check_distributed_type(accelerator) is not None
     result = {"world": accelerator.num_processes, "fixed": fixed_batch(accelerator)}
-    result["initial"], result["trained"] = trained_parameters(str(Path(out) / "run"))
+    run = str(Path(out) / "run")
+    # under FSDP: a mid-way checkpoint too, a second run that resumes from it, and an evaluation after the last
+    # step (every process must take part in it)
+    overrides = {"save_steps": STEPS - 1, "save_total_limit": 0, "eval_steps": STEPS, "eval_prompts": PROMPTS[:1],
+                 "eval_num_images": 2, "fsdp_gather_for_sampling": True, "gradient_checkpointing": True} if fsdp else {}
+    result["initial"], result["trained"], result["sharded"] = trained_parameters(run, **overrides)
+    if fsdp:
+        _, result["resumed"], _ = trained_parameters(run, resume=f"{run}/checkpoint-{STEPS - 1}", **overrides)
     torch.save(result, Path(out) / f"rank{accelerator.process_index}.pt")
 
 

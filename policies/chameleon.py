@@ -48,6 +48,23 @@ Two modes:
   (`image.info["no_image"] = True`), counted in `last_decode_missing` and logged; the reward scores that blank image
   like any other, so opening no image is a choice with a consequence, not a masked-out sample.
 
+Think-then-draw (policies/plan.py), `mode="t2i"` only:
+- The plan-writing prompt is the t2i prompt without its BOI, `[BOS] request <reserved08706>`: the plan is the model's
+  text turn after the user's (the layout interleaved mode samples too). It is written with the full `lm_head` on the
+  decoder stack's hidden states (`text_logits`, the same path in sampling and scoring; transformers' forward would
+  put the image rows at finfo.min, we ban them instead). A plan may not write the 8192 image codes, EOI, pad, BOS or
+  the processor's `<image>` placeholder (`plan_banned_ids`); it stops at EOS (the default end marker), at BOI, or
+  after `max_tokens`.
+- The image follows `[BOS] request <reserved08706> plan <racm3:break>` (`image_prefix_ids = [BOI]`, the end marker
+  and padding masked out; a plan that chose BOI itself has no second one). Nothing goes between plan and BOI: that
+  is how Anole's interleaved outputs open an image after text, and an END-OF-TURN there would claim a turn boundary
+  the model never wrote.
+- CFG: the plan is text, so the release's unconditional row masks it out with the prompt: it stays
+  [BOS, BOI, image tokens so far] whatever the plan (banning BOS from plans keeps it so). Sampling prefills one
+  context per sample (prompt + its plan + BOI, masked holes, positions from the mask) and scoring runs the same
+  contexts teacher-forced, so both see the same sequences. Without a plan the group still shares one prefill.
+- Interleaved mode refuses a plan (`set_plan` raises): there the policy already writes text before it chooses BOI.
+
 Deliberate difference from the release: positions come from the attention mask (`cumsum - 1`) in sampling and
 scoring, so left padding does not shift a prompt and its samples do not depend on the batch.
 """

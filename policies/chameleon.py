@@ -445,7 +445,8 @@ class ChameleonPolicy(ThinkThenDraw, Policy):
         return nn.functional.linear(hidden, weight[self._image_ids.to(weight.device)])
 
     def _text_step_logits(self, hidden: Tensor, boi_allowed: Tensor) -> Tensor:
-        """Interleaved mode: full-vocabulary logits for text steps, with image tokens, EOI, pad (and BOI where not allowed) at -inf."""
+        """Interleaved mode: full-vocabulary logits for text steps, with image tokens, EOI, pad (and BOI where not
+        allowed) at -inf."""
         logits = self.model.lm_head(hidden).float()
         banned = self._text_banned.to(logits.device).expand_as(logits).clone()
         banned[:, self.boi_id] = ~boi_allowed

@@ -48,6 +48,23 @@ Two modes:
   (`image.info["no_image"] = True`), counted in `last_decode_missing` and logged; the reward scores that blank image
   like any other, so opening no image is a choice with a consequence, not a masked-out sample.
 
+Think-then-draw (policies/plan.py), `mode="t2i"` only:
+- The plan-writing prompt is the t2i prompt without its BOI, `[BOS] request <reserved08706>`: the plan is the model's
+  text turn after the user's (the layout interleaved mode samples too). It is written with the full `lm_head` on the
+  decoder stack's hidden states (`text_logits`, the same path in sampling and scoring; transformers' forward would
+  put the image rows at finfo.min, we ban them instead). A plan may not write the 8192 image codes, EOI, pad, BOS or
+  the processor's `<image>` placeholder (`plan_banned_ids`); it stops at EOS (the default end marker), at BOI, or
+  after `max_tokens`.
+- The image follows `[BOS] request <reserved08706> plan <racm3:break>` (`image_prefix_ids = [BOI]`, the end marker
+  and padding masked out; a plan that chose BOI itself has no second one). Nothing goes between plan and BOI: that
+  is how Anole's interleaved outputs open an image after text, and an END-OF-TURN there would claim a turn boundary
+  the model never wrote.
+- CFG: the plan is text, so the release's unconditional row masks it out with the prompt: it stays
+  [BOS, BOI, image tokens so far] whatever the plan (banning BOS from plans keeps it so). Sampling prefills one
+  context per sample (prompt + its plan + BOI, masked holes, positions from the mask) and scoring runs the same
+  contexts teacher-forced, so both see the same sequences. Without a plan the group still shares one prefill.
+- Interleaved mode refuses a plan (`set_plan` raises): there the policy already writes text before it chooses BOI.
+
 Deliberate difference from the release: positions come from the attention mask (`cumsum - 1`) in sampling and
 scoring, so left padding does not shift a prompt and its samples do not depend on the batch.
 """
@@ -73,6 +90,7 @@ from policies.base import (
     process_logits,
     sample_from_logits,
 )
+from policies.plan import ThinkThenDraw
 
 log = logging.getLogger("grpo_img")
 
@@ -81,6 +99,8 @@ ANOLE_VQGAN = ("GAIR/Anole-7b-v0.1", "tokenizer/vqgan.ckpt")
 VQGAN_FILENAME = "vqgan.ckpt"
 BOI_TOKEN, EOI_TOKEN, EOT_TOKEN = "<racm3:break>", "<eoss>", "<reserved08706>"
 MODES = ("t2i", "interleaved")
+# The tiny decoder (one resnet block per level) fits the demo palette to an MSE of about 0.01 in this many steps.
+TINY_PALETTE_FIT_STEPS = 300
 
 # ----------------------------------------------------------------------------------------------------------------
 # The VQGAN decoder
@@ -229,7 +249,7 @@ def load_vqgan_decoder(decoder: VQGANDecoder, path: str) -> VQGANDecoder:
 # The policy
 
 
-class ChameleonPolicy(Policy):
+class ChameleonPolicy(ThinkThenDraw, Policy):
     name = "chameleon"
     # Language model only: the decoder layers' projections (the VQ encoder has no *_proj Linear layers, and the
     # VQGAN decoder lives outside `model`).
@@ -268,6 +288,11 @@ class ChameleonPolicy(Policy):
         # text steps may never produce image tokens, EOI or pad; BOI only where an image may still open
         self._text_banned = self._is_image.clone()
         self._text_banned[[self.eoi_id, self.pad_id]] = True
+        image_placeholder = vocab.get(getattr(tokenizer, "image_token", None) or "<image>")
+        # a plan writes what interleaved text steps may write, minus BOS (which the unconditional CFG row would keep)
+        # and the processor's <image> placeholder
+        self._plan_banned = self._text_banned.nonzero().flatten().tolist() + [self.bos_id] + (
+            [image_placeholder] if image_placeholder is not None else [])
         self.grid = decoder.grid
         self.image_size = decoder.config.resolution
         image_tokens = self.grid * self.grid
@@ -315,7 +340,7 @@ class ChameleonPolicy(Policy):
                 from policies.tiny import fit_decoder_to_palette
 
                 fit_decoder_to_palette(decoder, decoder.parameters(), decoder.config.num_embeddings, decoder.grid,
-                                       tiny_palette, seed=seed)
+                                       tiny_palette, steps=TINY_PALETTE_FIT_STEPS, seed=seed)
             model.to(torch_dtype)
         else:
             model = ChameleonForConditionalGeneration.from_pretrained(model_name_or_path, dtype=torch_dtype)
@@ -351,12 +376,15 @@ class ChameleonPolicy(Policy):
     def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """`[BOS] text <reserved08706>` (+ BOI in t2i mode), left-padded. Special ids are appended as ids, not
         spelled in text, so no tokenizer can split them."""
-        if not prompts:
+        return self._encode(prompts, [self.eot_id] + ([self.boi_id] if self.mode == "t2i" else []))
+
+    def _encode(self, texts: list[str], tail: list[int]) -> tuple[Tensor, Tensor]:
+        """`[BOS] text` + `tail` ids per row, left-padded."""
+        if not texts:
             raise ValueError("no prompts given")
-        tail = [self.eot_id] + ([self.boi_id] if self.mode == "t2i" else [])
         rows = []
-        for prompt in prompts:
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        for text in texts:
+            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
             if not ids or ids[0] != self.bos_id:
                 ids = [self.bos_id] + ids
             rows.append(ids + tail)
@@ -364,6 +392,43 @@ class ChameleonPolicy(Policy):
         ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         return ids.to(self.device), mask.to(self.device)
+
+    # -- think-then-draw hooks (policies/plan.py): the plan is the model's text turn after the prompt's turn -----
+
+    def set_plan(self, plan) -> None:
+        if plan is not None and self.mode != "t2i":
+            raise ValueError("chameleon: think-then-draw (`plan: true`) needs mode='t2i'; in mode='interleaved' the "
+                             "policy already writes text before it opens the image, which is its own plan")
+        super().set_plan(plan)
+
+    @property
+    def plan_tokenizer(self):
+        return self.tokenizer
+
+    def plan_prompt_text(self, request: str) -> str:
+        """`request<reserved08706>` (the tokenizer adds BOS). Shown for reference: `encode_plan_prompts` appends the
+        end-of-turn token as an id, as `encode_prompts` does."""
+        return request + EOT_TOKEN
+
+    def encode_plan_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """`[BOS] request <reserved08706>`: the t2i prompt without its BOI, so the plan is the next turn."""
+        return self._encode([self.plan.instruction.format(prompt=p) for p in prompts], [self.eot_id])
+
+    def text_logits(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
+        """Full-vocabulary `lm_head` logits on the decoder stack's hidden states (image rows included, unlike
+        transformers' forward; the plan's banned ids are set to -inf by the plan machinery, in sampling and
+        scoring alike)."""
+        return self.model.lm_head(self._hidden(ids, mask, positions, cache))
+
+    @property
+    def image_prefix_ids(self) -> list[int]:
+        return [self.boi_id]
+
+    def plan_banned_ids(self) -> list[int]:
+        """The image codes, EOI and pad (as for interleaved text steps), BOS (the unconditional CFG row keeps every
+        BOS, so a written one would leak into it) and the processor's `<image>` placeholder. BOI is allowed: it ends
+        the plan."""
+        return self._plan_banned
 
     def unconditional_mask(self, ids: Tensor, mask: Tensor) -> Tensor:
         """The release's unconditional context as an attention mask over the same sequence: BOS, BOI, EOI and image
@@ -379,8 +444,9 @@ class ChameleonPolicy(Policy):
         weight = self.model.lm_head.weight  # peft's modules_to_save wrapper resolves this to the active copy
         return nn.functional.linear(hidden, weight[self._image_ids.to(weight.device)])
 
-    def text_logits(self, hidden: Tensor, boi_allowed: Tensor) -> Tensor:
-        """Full-vocabulary logits for text steps, with image tokens, EOI, pad (and BOI where not allowed) at -inf."""
+    def _text_step_logits(self, hidden: Tensor, boi_allowed: Tensor) -> Tensor:
+        """Interleaved mode: full-vocabulary logits for text steps, with image tokens, EOI, pad (and BOI where not
+        allowed) at -inf."""
         logits = self.model.lm_head(hidden).float()
         banned = self._text_banned.to(logits.device).expand_as(logits).clone()
         banned[:, self.boi_id] = ~boi_allowed
@@ -388,7 +454,7 @@ class ChameleonPolicy(Policy):
 
     def _boi_allowed(self, t: int | Tensor, opened_before: Tensor) -> Tensor:
         """BOI is a choice only while no image was opened and the whole image plus EOI still fits."""
-        fits = (self.num_completion_tokens - t) >= self.grid * self.grid + 2
+        fits = (self.num_image_tokens - t) >= self.grid * self.grid + 2
         return ~opened_before & fits
 
     def _hidden(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
@@ -410,23 +476,43 @@ class ChameleonPolicy(Policy):
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> Rollout:
+        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
+        plan = None
+        if self.plan is None:
+            # one context per prompt: prefilled once, its KV cache shared by the group's samples
+            ids, mask = self.encode_prompts(prompts)
+            tokens, logprobs, completion_mask = self._sample_completion(ids, mask, group_size, settings, generator)
+            ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+        else:
+            # one context per sample: prompt + its own plan + BOI
+            ids, mask, plan = self.sample_plans(prompts, group_size, generator)
+            context_ids, context_mask = self.plan_context(ids, mask, plan.ids)
+            tokens, logprobs, completion_mask = self._sample_completion(context_ids, context_mask, 1, settings,
+                                                                        generator)
+        return self.make_rollout(prompts, group_size, ids, mask, tokens,
+                                 completion_mask.bool() & (tokens != self.eoi_id), logprobs, settings, plan,
+                                 extras={"completion_mask": completion_mask})
+
+    def _sample_completion(self, ids: Tensor, mask: Tensor, repeats: int, settings: SamplingSettings,
+                           generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Tokens, log-probs and completion mask [N, num_image_tokens] after each context row, `repeats` samples
+        per row (KV-cached, CFG on image steps)."""
         from transformers import DynamicCache
 
-        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
-        text_settings = SamplingSettings(1.0, temperature, top_k, top_p)
-        ids, mask = self.encode_prompts(prompts)
-        n, steps, device = len(prompts) * group_size, self.num_completion_tokens, self.device
+        text_settings = SamplingSettings(1.0, settings.temperature, settings.top_k, settings.top_p)
+        n, steps, device = ids.shape[0] * repeats, self.num_image_tokens, self.device
         image_len = self.grid * self.grid
         cfg = settings.uses_cfg
         rows_ids = torch.cat([ids, ids]) if cfg else ids
         rows_mask = torch.cat([mask, self.unconditional_mask(ids, mask)]) if cfg else mask
 
-        # Prefill each prompt once (conditional and unconditional rows), then share the cache across the group.
+        # Prefill each context once (conditional and unconditional rows), then share the cache across its repeats.
         cache = DynamicCache(config=self.model.config)
         hidden = self._hidden(rows_ids, rows_mask, position_ids_from_mask(rows_mask), cache)[:, -1]
-        cache.batch_repeat_interleave(group_size)
-        hidden = hidden.repeat_interleave(group_size, 0)
-        attn = rows_mask.repeat_interleave(group_size, 0)
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+        hidden = hidden.repeat_interleave(repeats, 0)
+        attn = rows_mask.repeat_interleave(repeats, 0)
 
         tokens = torch.full((n, steps), self.pad_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(n, steps, dtype=torch.float32, device=device)
@@ -450,7 +536,7 @@ class ChameleonPolicy(Policy):
                 step_tokens[image_rows], step_lp[image_rows] = self._image_ids.to(device)[code], lp
             if text_rows.any():
                 allowed = self._boi_allowed(t, opened[text_rows])
-                logits = process_logits(self.text_logits(cond[text_rows], allowed), None, text_settings)
+                logits = process_logits(self._text_step_logits(cond[text_rows], allowed), None, text_settings)
                 step_tokens[text_rows], step_lp[text_rows] = sample_from_logits(logits, generator)
             step_tokens[eoi_rows] = self.eoi_id  # forced, log-prob 0
             attended = ~done
@@ -472,17 +558,7 @@ class ChameleonPolicy(Policy):
             positions = position_ids_from_mask(attn)[:, -1:]
             hidden = self._hidden(feed, attn, positions, cache)[:, -1]
 
-        return Rollout(
-            prompts=[p for p in prompts for _ in range(group_size)],
-            group_index=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
-            prompt_ids=ids.repeat_interleave(group_size, 0),
-            prompt_mask=mask.repeat_interleave(group_size, 0),
-            completion_ids=tokens,
-            action_mask=completion_mask.bool() & (tokens != self.eoi_id),
-            logprobs=logprobs,
-            sampling=settings,
-            extras={"completion_mask": completion_mask},
-        )
+        return tokens, logprobs, completion_mask
 
     # -- scoring ------------------------------------------------------------------------------------------------
 
@@ -490,16 +566,17 @@ class ChameleonPolicy(Policy):
         check_cfg_mode(cfg_mode)
         settings = rollout.sampling
         text_settings = SamplingSettings(1.0, settings.temperature, settings.top_k, settings.top_p)
-        completion = rollout.completion_ids
+        context_ids, context_mask = self.image_context(rollout)  # the prompt, or prompt + plan + BOI
+        completion = rollout.image_ids
         n, steps = completion.shape
         completion_mask = rollout.extras.get("completion_mask", torch.ones_like(completion))
-        seq = torch.cat([rollout.prompt_ids, completion[:, :-1]], dim=1)
-        cond_mask = torch.cat([rollout.prompt_mask, completion_mask[:, :-1].long()], dim=1)
-        start = rollout.prompt_ids.shape[1] - 1  # hidden state at start + t predicts completion token t
+        seq = torch.cat([context_ids, completion[:, :-1]], dim=1)
+        cond_mask = torch.cat([context_mask, completion_mask[:, :-1].long()], dim=1)
+        start = context_ids.shape[1] - 1  # hidden state at start + t predicts completion token t
         hidden = self._hidden(seq, cond_mask, position_ids_from_mask(cond_mask))[:, start:]
 
         is_image = self._is_image.to(completion.device)[completion] & completion_mask.bool()
-        is_text = rollout.action_mask & ~is_image
+        is_text = rollout.action_mask[:, rollout.num_plan_tokens:] & ~is_image
         logprobs = torch.zeros(n, steps, dtype=torch.float32, device=completion.device)
         entropy = torch.zeros_like(logprobs)
         if is_image.any():
@@ -521,20 +598,18 @@ class ChameleonPolicy(Policy):
                 opened_before = torch.ones_like(opened_before)
             step = torch.arange(steps, device=completion.device).expand(n, steps)
             allowed = self._boi_allowed(step[is_text], opened_before[is_text])
-            processed = process_logits(self.text_logits(hidden[is_text], allowed), None, text_settings)
+            processed = process_logits(self._text_step_logits(hidden[is_text], allowed), None, text_settings)
             logprobs = logprobs.index_put((is_text.nonzero(as_tuple=True)),
                                           selective_log_softmax(processed, completion[is_text]))
             if return_entropy:
                 entropy[is_text] = entropy_of_logits(processed.detach())
-        if return_entropy:
-            return logprobs, entropy
-        return logprobs
+        return self.join_plan_logprobs(rollout, logprobs, entropy if return_entropy else None, return_entropy)
 
     # -- pixels -------------------------------------------------------------------------------------------------
 
     def image_codes(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """Codebook indices [N, grid*grid] of each row's image span, and a bool [N]: did the row open an image."""
-        completion = rollout.completion_ids
+        completion = rollout.image_ids
         image_len = self.grid * self.grid
         n = completion.shape[0]
         codes = torch.zeros(n, image_len, dtype=torch.long, device=completion.device)
@@ -598,6 +673,7 @@ def _image_token_name(code: int) -> str:
 
 def _tiny_chameleon(num_codes: int = 256):
     """A ~0.3M-parameter ChameleonForConditionalGeneration: 64 image tokens (8x8 grid), 256 codes, 32 px images.
+    `num_res_blocks=0` (one resnet block per decoder level) keeps the demo's palette fit short.
 
     The vocabulary holds the release's special tokens and IMGIMG names; `vocabulary_map` is the tokenizer's vocab,
     as in transformers' conversion of the release.
@@ -616,6 +692,6 @@ def _tiny_chameleon(num_codes: int = 256):
         num_key_value_heads=4, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, vocabulary_map=dict(tokenizer.get_vocab()),
         vq_config=dict(embed_dim=16, num_embeddings=num_codes, latent_channels=16, resolution=32, base_channels=32,
-                       channel_multiplier=[1, 1, 1], num_res_blocks=1),
+                       channel_multiplier=[1, 1, 1], num_res_blocks=0),
     )
     return ChameleonForConditionalGeneration(config), tokenizer

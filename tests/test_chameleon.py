@@ -286,3 +286,69 @@ def test_interleaved_mode_runs_through_the_trainer(tmp_path):
                             per_device_train_batch_size=8)
     assert all(math.isfinite(m["loss"]) for m in metrics)
     assert metrics[0]["logprob_gap"] < 1e-4 and metrics[0]["kl"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Think-then-draw (the generic tests in test_think_then_draw.py run on chameleon too)
+
+
+@pytest.fixture(scope="module")
+def planner():
+    """A tiny t2i policy with a plan, whose output layer makes the tokens a plan may not write overwhelmingly likely
+    (logit about 10) and BOI and EOS likely enough (about 3) that plans stop at either, or run to max_tokens."""
+    from policies.plan import PlanSettings
+
+    policy = policies.build("chameleon", tiny=True, seed=2)
+    policy.set_plan(PlanSettings(max_tokens=6))
+    ids, mask = policy.encode_plan_prompts(PROMPTS)
+    with torch.no_grad():
+        hidden = policy._hidden(ids, mask, position_ids_from_mask(mask))[mask.bool()]
+        direction = hidden.mean(0) / hidden.mean(0).norm() ** 2
+        weight = policy.model.lm_head.weight
+        weight[policy.plan_banned_ids()] = 10.0 * direction
+        weight[[policy.boi_id, policy.eos_id]] = 3.0 * direction
+    return policy
+
+
+def test_a_plan_never_writes_image_tokens_and_stops_at_boi_or_eos(planner):
+    rollout = planner.sample(PROMPTS, 8, cfg_scale=3.0, generator=torch.Generator().manual_seed(0))
+    span, written = rollout.plan_ids, planner.plan_written(rollout.plan_ids)
+    banned = torch.tensor(planner.plan_banned_ids())
+    assert len(banned) >= planner.decoder.config.num_embeddings + 4  # the codes, EOI, pad, BOS, <image>
+    assert {planner.eoi_id, planner.bos_id, planner.tokenizer.convert_tokens_to_ids("<image>")} <= set(banned.tolist())
+    assert not torch.isin(span[written], banned).any()
+    last = span[torch.arange(len(span)), written.sum(1) - 1]
+    ends = [int((last == token).sum()) for token in (planner.boi_id, planner.eos_id)]
+    assert min(ends) > 0 and sum(ends) < len(span), f"need plans ending at BOI, at EOS and at max_tokens: {ends}"
+    # the image follows exactly one attended BOI, after the plan's text; the unconditional row sees no text at all
+    ids, mask = planner.plan_context(rollout.prompt_ids, rollout.prompt_mask, span)
+    assert (((ids == planner.boi_id) & mask.bool()).sum(1) == 1).all()
+    uncond = planner.unconditional_mask(ids, mask).bool()
+    assert (uncond.sum(1) == 2).all() and (ids[uncond] != planner.bos_id).sum() == len(span)
+    # sampling and scoring agree on both spans, whichever way the plan ended (CFG on the image)
+    with torch.no_grad():
+        scored = planner.token_logprobs(rollout)
+    assert (scored - rollout.logprobs)[rollout.action_mask].abs().max() <= 1e-4
+    assert rollout.action_mask[:, planner.plan.max_tokens:].all()
+    assert len(planner.decode(rollout)) == len(rollout) and planner.last_decode_missing == 0
+
+
+def test_plan_needs_t2i_mode(interleaved):
+    from policies.plan import PlanSettings
+
+    with pytest.raises(ValueError, match="mode='t2i'"):
+        interleaved.set_plan(PlanSettings(max_tokens=4))
+    assert interleaved.plan is None
+
+
+def test_chameleon_trains_plan_and_image_through_the_trainer(tmp_path):
+    import json
+    import math
+
+    metrics = run_tiny_grpo(tmp_path, "chameleon", {"tiny": True}, 2, prompts=["a red image"],
+                            per_device_train_batch_size="8", plan="true", plan_max_tokens="4",
+                            plan_temperature="1.2", image_log_steps="1")
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    assert metrics[0]["logprob_gap"] < 1e-4 and metrics[0]["kl"] == 0.0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "plans.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == [1] * 8 + [2] * 8 and all(entry["plan"] for entry in logged)

@@ -470,24 +470,16 @@ class Blip3oNextPolicy(ThinkThenDraw, Policy):
         generator: torch.Generator | None = None,
     ) -> Rollout:
         settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
-        plan = None
-        if self.plan is None:
-            # one context per prompt: prefilled once, its KV cache shared by the group's samples
-            ids, mask = self.encode_prompts(prompts)
-            tokens, logprobs = self._sample_image(ids, mask, group_size, settings, generator)
-            ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
-        else:
-            # one context per sample: prompt + its own plan + <im_start><S0>
-            ids, mask, plan = self.sample_plans(prompts, group_size, generator)
-            context_ids, context_mask = self.plan_context(ids, mask, plan.ids)
-            tokens, logprobs = self._sample_image(context_ids, context_mask, 1, settings, generator)
+        contexts = self.image_contexts(prompts, group_size, generator)  # with a plan: prompt + plan + <im_start><S0>
+        tokens, logprobs = self._sample_image(contexts.ids, contexts.mask, contexts.repeats, settings, generator)
 
         # Drawn after the tokens, so the tokens do not depend on it; fixes each row's diffusion noise.
         n = len(prompts) * group_size
         seed_device = generator.device if generator is not None else torch.device("cpu")
         decode_seed = torch.randint(0, 2**62, (n,), generator=generator, device=seed_device).to(self.device)
-        return self.make_rollout(prompts, group_size, ids, mask, tokens, torch.ones_like(tokens, dtype=torch.bool),
-                                 logprobs, settings, plan, extras={"decode_seed": decode_seed})
+        return self.make_rollout(prompts, group_size, contexts.prompt_ids, contexts.prompt_mask, tokens,
+                                 torch.ones_like(tokens, dtype=torch.bool), logprobs, settings, contexts.plan,
+                                 extras={"decode_seed": decode_seed})
 
     def _sample_image(self, ids: Tensor, mask: Tensor, repeats: int, settings: SamplingSettings,
                       generator: torch.Generator | None) -> tuple[Tensor, Tensor]:

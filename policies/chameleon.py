@@ -477,20 +477,11 @@ class ChameleonPolicy(ThinkThenDraw, Policy):
         generator: torch.Generator | None = None,
     ) -> Rollout:
         settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
-        plan = None
-        if self.plan is None:
-            # one context per prompt: prefilled once, its KV cache shared by the group's samples
-            ids, mask = self.encode_prompts(prompts)
-            tokens, logprobs, completion_mask = self._sample_completion(ids, mask, group_size, settings, generator)
-            ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
-        else:
-            # one context per sample: prompt + its own plan + BOI
-            ids, mask, plan = self.sample_plans(prompts, group_size, generator)
-            context_ids, context_mask = self.plan_context(ids, mask, plan.ids)
-            tokens, logprobs, completion_mask = self._sample_completion(context_ids, context_mask, 1, settings,
-                                                                        generator)
-        return self.make_rollout(prompts, group_size, ids, mask, tokens,
-                                 completion_mask.bool() & (tokens != self.eoi_id), logprobs, settings, plan,
+        contexts = self.image_contexts(prompts, group_size, generator)  # with a plan: prompt + plan + BOI
+        tokens, logprobs, completion_mask = self._sample_completion(contexts.ids, contexts.mask, contexts.repeats,
+                                                                    settings, generator)
+        return self.make_rollout(prompts, group_size, contexts.prompt_ids, contexts.prompt_mask, tokens,
+                                 completion_mask.bool() & (tokens != self.eoi_id), logprobs, settings, contexts.plan,
                                  extras={"completion_mask": completion_mask})
 
     def _sample_completion(self, ids: Tensor, mask: Tensor, repeats: int, settings: SamplingSettings,

@@ -336,24 +336,16 @@ class Emu3Policy(ThinkThenDraw, Policy):
         generator: torch.Generator | None = None,
     ) -> Rollout:
         settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
-        plan = None
-        if self.plan is None:
-            # one context per prompt: prefilled once, its KV cache shared by the group's samples
-            ids, mask = self.encode_prompts(prompts)
-            neg_ids, neg_mask = self.encode_negative_prompt()
-            tokens, logprobs = self._sample_image(ids, mask, group_size, neg_ids, neg_mask, settings, generator)
-            ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
-        else:
-            # one context per sample: plan prompt + its own plan + image header; the negative prompt is unchanged
-            ids, mask, plan = self.sample_plans(prompts, group_size, generator)
-            neg_ids, neg_mask = self.encode_negative_prompt()
-            context_ids, context_mask = self.plan_context(ids, mask, plan.ids)
-            tokens, logprobs = self._sample_image(context_ids, context_mask, 1, neg_ids, neg_mask, settings,
-                                                  generator)
-        n = len(ids)
+        # with a plan: plan prompt + plan + image header; the negative prompt is the same with or without a plan
+        contexts = self.image_contexts(prompts, group_size, generator)
+        neg_ids, neg_mask = self.encode_negative_prompt()
+        tokens, logprobs = self._sample_image(contexts.ids, contexts.mask, contexts.repeats, neg_ids, neg_mask,
+                                              settings, generator)
+        n = len(contexts.prompt_ids)
         free = (self.forced_tokens.to(self.device) < 0).repeat(n, 1)
         extras = {"negative_ids": neg_ids.expand(n, -1).clone(), "negative_mask": neg_mask.expand(n, -1).clone()}
-        return self.make_rollout(prompts, group_size, ids, mask, tokens, free, logprobs, settings, plan, extras)
+        return self.make_rollout(prompts, group_size, contexts.prompt_ids, contexts.prompt_mask, tokens, free,
+                                 logprobs, settings, contexts.plan, extras)
 
     def _sample_image(self, ids: Tensor, mask: Tensor, repeats: int, neg_ids: Tensor, neg_mask: Tensor,
                       settings: SamplingSettings, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:

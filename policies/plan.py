@@ -23,7 +23,8 @@ the plan is blanked together with the prompt, which is the null condition the mo
 
 A family adopts it by inheriting `ThinkThenDraw` and implementing four small hooks (`plan_tokenizer`,
 `plan_prompt_text`, `text_logits`, `image_prefix_ids`; optionally `plan_banned_ids`), then, in its own sampler and
-scorer, using `sample_plans` / `plan_context` / `plan_logprobs` / `make_rollout` / `join_plan_logprobs`. Its image
+scorer, using `image_contexts` (plan or no plan: the contexts its image sampler runs after) /
+`make_rollout` / `image_context` / `join_plan_logprobs`. Its image
 sampler has to accept one context per row (with a plan, rows of a group no longer share a prompt).
 """
 
@@ -68,6 +69,19 @@ class PlanSettings:
 
 
 @dataclass
+class ImageContexts:
+    """What a family's image sampler runs after (`ids`, `mask`, `repeats` samples per row) and the per-sample prompt
+    rows the rollout keeps."""
+
+    prompt_ids: Tensor  # [N, P] one row per sample
+    prompt_mask: Tensor
+    ids: Tensor  # [N / repeats, C] the contexts
+    mask: Tensor
+    repeats: int
+    plan: "PlanBatch | None"
+
+
+@dataclass
 class PlanBatch:
     """Sampled plans, one row per sample."""
 
@@ -103,6 +117,10 @@ class ThinkThenDraw:
     def plan_banned_ids(self) -> list[int]:
         """Token ids a plan may not write (image-only tokens, ...)."""
         return []
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """The family's image-generation prompts, left-padded (used when there is no plan)."""
+        raise NotImplementedError
 
     # -- generic machinery --------------------------------------------------------------------------------------
 
@@ -173,6 +191,18 @@ class ThinkThenDraw:
         texts = self.plan_tokenizer.batch_decode(span.masked_fill(~written | torch.isin(span, stop_ids), pad),
                                                  skip_special_tokens=True)
         return ids, mask, PlanBatch(span, written, logprobs, [t.strip() for t in texts])
+
+    def image_contexts(self, prompts: list[str], group_size: int, generator: torch.Generator | None
+                       ) -> ImageContexts:
+        """Without a plan, one context per prompt: prefilled once, its KV cache shared by the group's samples.
+        With a plan, one context per sample: the plans are sampled first, then prompt + own plan + image prefix."""
+        if self.plan is None:
+            ids, mask = self.encode_prompts(prompts)
+            return ImageContexts(ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0),
+                                 ids, mask, group_size, None)
+        ids, mask, plan = self.sample_plans(prompts, group_size, generator)
+        context_ids, context_mask = self.plan_context(ids, mask, plan.ids)
+        return ImageContexts(ids, mask, context_ids, context_mask, 1, plan)
 
     def plan_context(self, prompt_ids: Tensor, prompt_mask: Tensor, span: Tensor) -> tuple[Tensor, Tensor]:
         """The image's context per row: prompt + plan (end marker and padding masked out) + image prefix."""

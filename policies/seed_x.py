@@ -395,15 +395,11 @@ class SeedXPolicy(ThinkThenDraw, Policy):
             log.warning("seed_x: cfg_scale=%s has no effect (no token-level guidance; the de-tokenizer guides with "
                         "guidance_scale=%s)", cfg_scale, self.config.guidance_scale)
             self._warned_cfg = True
-        plan = None
-        if self.plan is None:
-            ids, mask = self.encode_prompts(prompts)
-            hidden, logprobs = self._forced_forward(ids, mask)  # once per prompt: the group is identical
-            hidden, logprobs = hidden.repeat_interleave(group_size, 0), logprobs.repeat_interleave(group_size, 0)
-            ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
-        else:
-            ids, mask, plan = self.sample_plans(prompts, group_size, generator)
-            hidden, logprobs = self._forced_forward(*self.plan_context(ids, mask, plan.ids))
+        contexts = self.image_contexts(prompts, group_size, generator)
+        hidden, logprobs = self._forced_forward(contexts.ids, contexts.mask)  # without a plan: once per prompt
+        hidden = hidden.repeat_interleave(contexts.repeats, 0)
+        logprobs = logprobs.repeat_interleave(contexts.repeats, 0)
+        ids, mask, plan = contexts.prompt_ids, contexts.prompt_mask, contexts.plan
         n = len(ids)
         tokens = self.forced_ids.to(self.device).expand(n, -1).clone()
         # the diffusion noise of each sample, drawn here so that a rollout decodes reproducibly

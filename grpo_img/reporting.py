@@ -17,12 +17,8 @@ class MetricsLog:
 
     def __init__(self, output_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
         self.path = Path(output_dir) / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
+        for name in ("metrics.jsonl", "plans.jsonl"):
+            restart_step_log(Path(output_dir) / name, resume_step)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -87,3 +83,15 @@ def plot_reward_curve(metrics: list[dict], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def restart_step_log(path: Path, resume_step: int | None) -> None:
+    """A JSONL log with a "step" per line, as a run starts: emptied for a fresh run, cut after the checkpoint's
+    step on resume (the steps after it will be run and logged again)."""
+    if not path.exists():
+        return
+    if resume_step is None:
+        path.unlink()
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+    path.write_text("".join(line + "\n" for line in kept))

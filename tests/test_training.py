@@ -178,3 +178,16 @@ def test_unreachable_reward_server_stops_the_run_after_max_reward_failure_steps(
     with pytest.raises(RuntimeError, match="could not score any sample for 2 steps in a row"):
         train(config)
     assert "did not answer after 2 attempt(s)" in caplog.text
+
+
+def test_step_logs_restart_with_the_run(tmp_path):
+    """A resumed run cuts metrics.jsonl and plans.jsonl after the checkpoint's step; a fresh run empties them."""
+    from grpo_img.reporting import MetricsLog
+
+    for name in ("metrics.jsonl", "plans.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps({"step": s, "row": 0}) + "\n" for s in (1, 2, 3, 4)))
+    MetricsLog(tmp_path, tensorboard=False, resume_step=2).close()
+    for name in ("metrics.jsonl", "plans.jsonl"):
+        assert [json.loads(line)["step"] for line in (tmp_path / name).read_text().splitlines()] == [1, 2]
+    MetricsLog(tmp_path, tensorboard=False, resume_step=None).close()
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "plans.jsonl").exists()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from PIL import Image
@@ -145,6 +145,32 @@ def entropy_of_logits(logits: Tensor) -> Tensor:
 def position_ids_from_mask(mask: Tensor) -> Tensor:
     """Positions that ignore left padding, so a prompt's samples do not depend on the batch it was padded in."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class CachedDecoder:
+    """Rows that decode one token at a time on a KV cache. Each context row is prefilled once and its cache shared
+    by the `repeats` samples drawn from it (rows [i * repeats, (i + 1) * repeats) continue context row i).
+
+    `forward(inputs, mask, positions, cache)` runs the family's model and returns what the next token is drawn from
+    at the last position ([rows, ...]: hidden states or logits). Positions come from the mask, so left padding and
+    masked columns shift nothing.
+    """
+
+    def __init__(self, forward: Callable[..., Tensor], inputs: Tensor, mask: Tensor, repeats: int, cache) -> None:
+        self.forward, self.cache = forward, cache
+        last = forward(inputs, mask, position_ids_from_mask(mask), cache)
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+        self.last = last.repeat_interleave(repeats, 0)
+        self.mask = mask.repeat_interleave(repeats, 0)
+
+    def step(self, inputs: Tensor, attended: Tensor | None = None) -> Tensor:
+        """Feed one token per row (`attended` [rows]: 0 where the fed token must stay unseen, e.g. padding after a
+        row has finished) and return the new output at the last position."""
+        column = self.mask.new_ones(len(self.mask), 1) if attended is None else attended.to(self.mask.dtype)[:, None]
+        self.mask = torch.cat([self.mask, column], dim=1)
+        self.last = self.forward(inputs, self.mask, position_ids_from_mask(self.mask)[:, -1:], self.cache)
+        return self.last
 
 
 def check_cfg_mode(cfg_mode: str) -> None:

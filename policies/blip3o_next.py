@@ -98,6 +98,7 @@ from torch import Tensor, nn
 from trl.trainer.utils import selective_log_softmax
 
 from policies.base import (
+    CachedDecoder,
     CfgMode,
     Policy,
     Rollout,
@@ -489,29 +490,20 @@ class Blip3oNextPolicy(ThinkThenDraw, Policy):
 
         n = ids.shape[0] * repeats
         rows_ids, rows_mask = self._guidance_rows(ids, mask, settings.uses_cfg)
-        cache = DynamicCache(config=self.model.config)
-        positions = position_ids_from_mask(rows_mask)
-        hidden = self._backbone(rows_ids, rows_mask, positions, cache)[:, -1]
-        if repeats > 1:
-            cache.batch_repeat_interleave(repeats)
-        hidden = hidden.repeat_interleave(repeats, 0)
-        attn = rows_mask.repeat_interleave(repeats, 0)
-        next_position = positions[:, -1:].repeat_interleave(repeats, 0) + 1
+        decoder = CachedDecoder(lambda *args: self._backbone(*args)[:, -1], rows_ids, rows_mask, repeats,
+                                DynamicCache(config=self.model.config))
 
         tokens = torch.empty(n, self.num_image_tokens, dtype=torch.long, device=self.device)
         logprobs = torch.empty(n, self.num_image_tokens, dtype=torch.float32, device=self.device)
         offset = self.image_start if self.restrict_to_image_tokens else 0
         for t in range(self.num_image_tokens):
-            logits = self._image_logits(hidden)
+            logits = self._image_logits(decoder.last)
             uncond = logits[n:] if settings.uses_cfg else None
             index, logprobs[:, t] = sample_from_logits(process_logits(logits[:n], uncond, settings), generator)
             tokens[:, t] = index + offset
             if t + 1 == self.num_image_tokens:
                 break
-            step_tokens = tokens[:, t : t + 1].repeat(2 if settings.uses_cfg else 1, 1)
-            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
-            hidden = self._backbone(step_tokens, attn, next_position, cache)[:, -1]
-            next_position = next_position + 1
+            decoder.step(tokens[:, t : t + 1].repeat(2 if settings.uses_cfg else 1, 1))
         return tokens, logprobs
 
     def token_logprobs(self, rollout: Rollout, cfg_mode: CfgMode = "mixture", return_entropy: bool = False):

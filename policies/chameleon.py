@@ -80,6 +80,7 @@ from torch import Tensor, nn
 from trl.trainer.utils import selective_log_softmax
 
 from policies.base import (
+    CachedDecoder,
     CfgMode,
     Policy,
     Rollout,
@@ -498,12 +499,8 @@ class ChameleonPolicy(ThinkThenDraw, Policy):
         rows_mask = torch.cat([mask, self.unconditional_mask(ids, mask)]) if cfg else mask
 
         # Prefill each context once (conditional and unconditional rows), then share the cache across its repeats.
-        cache = DynamicCache(config=self.model.config)
-        hidden = self._hidden(rows_ids, rows_mask, position_ids_from_mask(rows_mask), cache)[:, -1]
-        if repeats > 1:
-            cache.batch_repeat_interleave(repeats)
-        hidden = hidden.repeat_interleave(repeats, 0)
-        attn = rows_mask.repeat_interleave(repeats, 0)
+        decoder = CachedDecoder(lambda *args: self._hidden(*args)[:, -1], rows_ids, rows_mask, repeats,
+                                DynamicCache(config=self.model.config))
 
         tokens = torch.full((n, steps), self.pad_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(n, steps, dtype=torch.float32, device=device)
@@ -514,6 +511,7 @@ class ChameleonPolicy(ThinkThenDraw, Policy):
         opened = torch.full((n,), t2i, dtype=torch.bool, device=device)
         done = torch.zeros(n, dtype=torch.bool, device=device)
         for t in range(steps):
+            hidden = decoder.last
             cond = hidden[:n]
             step_tokens = torch.full((n,), self.pad_id, dtype=torch.long, device=device)
             step_lp = torch.zeros(n, dtype=torch.float32, device=device)
@@ -545,9 +543,7 @@ class ChameleonPolicy(ThinkThenDraw, Policy):
             if cfg:
                 feed = torch.cat([feed, feed])
                 new_mask = torch.cat([new_mask, self.unconditional_mask(step_tokens[:, None], new_mask)])
-            attn = torch.cat([attn, new_mask], dim=1)
-            positions = position_ids_from_mask(attn)[:, -1:]
-            hidden = self._hidden(feed, attn, positions, cache)[:, -1]
+            decoder.step(feed, new_mask[:, 0])
 
         return tokens, logprobs, completion_mask
 

@@ -69,6 +69,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from policies.base import (
+    CachedDecoder,
     CfgMode,
     Policy,
     Rollout,
@@ -358,15 +359,9 @@ class Emu3Policy(ThinkThenDraw, Policy):
         rows = [(ids, mask, repeats)]
         if settings.uses_cfg:
             rows.append((neg_ids, neg_mask, n))
-        streams = []  # per row set: [cache, attention mask, next position, last hidden]
-        for row_ids, row_mask, repeat in rows:
-            cache = DynamicCache(config=self.model.config.text_config)
-            positions = position_ids_from_mask(row_mask)
-            hidden = self._text_model(row_ids, row_mask, positions, cache)[:, -1]
-            if repeat > 1:
-                cache.batch_repeat_interleave(repeat)
-            streams.append([cache, row_mask.repeat_interleave(repeat, 0), positions[:, -1:].repeat_interleave(
-                repeat, 0) + 1, hidden.repeat_interleave(repeat, 0)])
+        decoders = [CachedDecoder(lambda *args: self._text_model(*args)[:, -1], row_ids, row_mask, repeat,
+                                  DynamicCache(config=self.model.config.text_config))
+                    for row_ids, row_mask, repeat in rows]
 
         forced = self.forced_tokens.to(self.device)
         last_free = int(self.free_positions[-1])
@@ -374,16 +369,14 @@ class Emu3Policy(ThinkThenDraw, Policy):
         logprobs = torch.zeros(n, self.num_image_tokens, dtype=torch.float32, device=self.device)
         for t in range(last_free + 1):
             if forced[t] < 0:  # a free choice among the codes
-                logits = self._guided_logits(streams[0][3], streams[1][3] if settings.uses_cfg else None, settings)
+                logits = self._guided_logits(decoders[0].last, decoders[1].last if settings.uses_cfg else None,
+                                             settings)
                 codes, logprobs[:, t] = sample_from_logits(logits, generator)
                 tokens[:, t] = codes + self.visual_start
             if t == last_free:
                 break  # the rest is forced and predicts nothing we need
-            for stream in streams:
-                cache, attn, position, _ = stream
-                attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
-                stream[3] = self._text_model(tokens[:, t : t + 1], attn, position, cache)[:, -1]
-                stream[1], stream[2] = attn, position + 1
+            for decoder in decoders:
+                decoder.step(tokens[:, t : t + 1])
         return tokens, logprobs
 
     def _check_layout(self, image_ids: Tensor) -> None:

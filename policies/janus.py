@@ -32,6 +32,7 @@ from torch import Tensor
 from trl.trainer.utils import selective_log_softmax
 
 from policies.base import (
+    CachedDecoder,
     CfgMode,
     Policy,
     Rollout,
@@ -208,29 +209,22 @@ class JanusPolicy(ThinkThenDraw, Policy):
             return _sample_image_static(self, ids, mask, repeats, settings, generator)
         n = ids.shape[0] * repeats
         rows_ids, rows_mask = self._guidance_rows(ids, mask, settings.uses_cfg)
-        cache = DynamicCache(config=self.model.config.text_config)
-        positions = position_ids_from_mask(rows_mask)
-        out = self._language_model(self.model.get_input_embeddings()(rows_ids), rows_mask, positions, cache)
-        if repeats > 1:
-            cache.batch_repeat_interleave(repeats)
-        hidden = out.last_hidden_state[:, -1].repeat_interleave(repeats, 0)
-        attn = rows_mask.repeat_interleave(repeats, 0)
-        next_position = positions[:, -1:].repeat_interleave(repeats, 0) + 1
 
+        def last_hidden(embeds, attn, positions, cache):
+            return self._language_model(embeds, attn, positions, cache).last_hidden_state[:, -1]
+
+        decoder = CachedDecoder(last_hidden, self.model.get_input_embeddings()(rows_ids), rows_mask, repeats,
+                                DynamicCache(config=self.model.config.text_config))
         tokens = torch.empty(n, self.num_image_tokens, dtype=torch.long, device=self.device)
         logprobs = torch.empty(n, self.num_image_tokens, dtype=torch.float32, device=self.device)
         for t in range(self.num_image_tokens):
-            logits = self.model.model.generation_head(hidden)
+            logits = self.model.model.generation_head(decoder.last)
             uncond = logits[n:] if settings.uses_cfg else None
             tokens[:, t], logprobs[:, t] = sample_from_logits(process_logits(logits[:n], uncond, settings), generator)
             if t + 1 == self.num_image_tokens:
                 break
             step_tokens = tokens[:, t : t + 1].repeat(2 if settings.uses_cfg else 1, 1)
-            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
-            out = self._language_model(self.model.prepare_embeddings_for_image_generation(step_tokens), attn,
-                                       next_position, cache)
-            hidden = out.last_hidden_state[:, -1]
-            next_position = next_position + 1
+            decoder.step(self.model.prepare_embeddings_for_image_generation(step_tokens))
         return tokens, logprobs
 
     def token_logprobs(self, rollout: Rollout, cfg_mode: CfgMode = "mixture", return_entropy: bool = False):

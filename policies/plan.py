@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 from trl.trainer.utils import selective_log_softmax
 
-from policies.base import (Rollout, SamplingSettings, entropy_of_logits, position_ids_from_mask, process_logits,
-                           sample_from_logits)
+from policies.base import (CachedDecoder, Rollout, SamplingSettings, entropy_of_logits, position_ids_from_mask,
+                           process_logits, sample_from_logits)
 
 # The bare prompt: the family's template around it asks for the plan. Configs set a T2I-R1-style request instead.
 DEFAULT_INSTRUCTION = "{prompt}"
@@ -165,12 +165,10 @@ class ThinkThenDraw:
         n, width = len(prompts) * group_size, self.plan.max_tokens
         stop_ids, pad = self.plan_stop_ids(), self.plan_tokenizer.pad_token_id
 
-        cache = DynamicCache()
-        logits = self.text_logits(ids, mask, position_ids_from_mask(mask), cache)[:, -1]
-        cache.batch_repeat_interleave(group_size)  # the group shares its prompt's prefill
-        logits = logits.repeat_interleave(group_size, 0)
+        # the group shares its prompt's prefill
+        decoder = CachedDecoder(lambda *args: self.text_logits(*args)[:, -1], ids, mask, group_size, DynamicCache())
         ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
-        attn = mask
+        logits = decoder.last
 
         span = torch.full((n, width), pad, dtype=torch.long, device=self.device)
         logprobs = torch.zeros(n, width, dtype=torch.float32, device=self.device)
@@ -184,8 +182,7 @@ class ThinkThenDraw:
             if bool(done.all()) or t + 1 == width:
                 break
             # finished rows keep stepping with a masked pad, so that every row's cache has the same length
-            attn = torch.cat([attn, written.long()[:, None]], dim=1)
-            logits = self.text_logits(span[:, t : t + 1], attn, position_ids_from_mask(attn)[:, -1:], cache)[:, -1]
+            logits = decoder.step(span[:, t : t + 1], written)
 
         written = self.plan_written(span)
         texts = self.plan_tokenizer.batch_decode(span.masked_fill(~written | torch.isin(span, stop_ids), pad),

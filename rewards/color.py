@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from PIL import Image
 
 from rewards.base import Reward
 

@@ -144,10 +144,14 @@ class ThinkThenDraw:
         batch = self.plan_tokenizer(texts, padding=True, return_tensors="pt")
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
-    def _plan_distribution(self, logits: Tensor) -> Tensor:
+    def _banned_tensor(self) -> Tensor | None:
+        """`plan_banned_ids` as a tensor, built once per sampling or scoring call (it can hold ~65k ids)."""
         banned = self.plan_banned_ids()
-        if banned:
-            logits = logits.float().index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
+        return torch.tensor(banned, device=self.device) if banned else None
+
+    def _plan_distribution(self, logits: Tensor, banned: Tensor | None) -> Tensor:
+        if banned is not None:
+            logits = logits.float().index_fill(-1, banned, float("-inf"))
         return process_logits(logits, None, self.plan.sampling)
 
     def plan_written(self, span: Tensor) -> Tensor:
@@ -168,13 +172,13 @@ class ThinkThenDraw:
         # the group shares its prompt's prefill
         decoder = CachedDecoder(lambda *args: self.text_logits(*args)[:, -1], ids, mask, group_size, DynamicCache())
         ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
-        logits = decoder.last
+        logits, banned = decoder.last, self._banned_tensor()
 
         span = torch.full((n, width), pad, dtype=torch.long, device=self.device)
         logprobs = torch.zeros(n, width, dtype=torch.float32, device=self.device)
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
         for t in range(width):
-            token, logprob = sample_from_logits(self._plan_distribution(logits), generator)
+            token, logprob = sample_from_logits(self._plan_distribution(logits, banned), generator)
             span[:, t] = torch.where(done, pad, token)
             logprobs[:, t] = torch.where(done, 0.0, logprob)
             written = ~done
@@ -220,7 +224,7 @@ class ThinkThenDraw:
         mask = torch.cat([rollout.prompt_mask, written.to(rollout.prompt_mask.dtype)], dim=1)
         start = rollout.prompt_ids.shape[1] - 1  # the hidden state before token t predicts token t
         logits = self.text_logits(ids[:, :-1], mask[:, :-1], position_ids_from_mask(mask[:, :-1]))[:, start:]
-        processed = self._plan_distribution(logits)
+        processed = self._plan_distribution(logits, self._banned_tensor())
         logprobs = selective_log_softmax(processed, span).masked_fill(~written, 0.0)
         return logprobs, entropy_of_logits(processed.detach()).masked_fill(~written, 0.0)
 

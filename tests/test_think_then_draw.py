@@ -19,8 +19,8 @@ PLAN_FAMILIES = [name for name in policies.available() if issubclass(policies.po
 
 
 @pytest.fixture(scope="module", params=PLAN_FAMILIES)
-def janus(request):
-    """A tiny policy of each family that writes plans (named `janus` for the family this file was written on)."""
+def planner(request):
+    """A tiny policy of each family that writes plans."""
     policy = policies.build(request.param, tiny=True)
     policy.set_plan(PLAN)
     return policy
@@ -35,97 +35,97 @@ def sample(policy, seed=0, group_size=3, **settings):
     return policy.sample(PROMPTS, group_size, generator=torch.Generator().manual_seed(seed), **settings)
 
 
-def test_rollout_layout_and_action_mask(janus):
-    rollout = sample(janus)
+def test_rollout_layout_and_action_mask(planner):
+    rollout = sample(planner)
     plan_width = PLAN.max_tokens
-    image_tokens = janus.num_image_tokens
-    assert rollout.num_plan_tokens == plan_width and janus.num_completion_tokens == plan_width + image_tokens
+    image_tokens = planner.num_image_tokens
+    assert rollout.num_plan_tokens == plan_width and planner.num_completion_tokens == plan_width + image_tokens
     assert rollout.completion_ids.shape == (6, plan_width + image_tokens)
-    written = janus.plan_written(rollout.plan_ids)
+    written = planner.plan_written(rollout.plan_ids)
     assert torch.equal(rollout.action_mask[:, :plan_width], written)
-    assert rollout.action_mask[:, plan_width:].any() == free_image_tokens(janus)
+    assert rollout.action_mask[:, plan_width:].any() == free_image_tokens(planner)
     assert written[:, 0].all()  # every plan wrote something
-    if janus.name == "janus":  # at this seed some tiny Janus plans stop early, which exercises the padding below
+    if planner.name == "janus":  # at this seed some tiny Janus plans stop early, which exercises the padding below
         assert (~written).any()
-    stops = torch.isin(rollout.plan_ids, janus.plan_stop_ids())
+    stops = torch.isin(rollout.plan_ids, planner.plan_stop_ids())
     for row in range(len(rollout)):  # a stopped plan's last written token is its stop token, then only padding
         n = int(written[row].sum())
         if n < plan_width:
-            assert stops[row, n - 1] and (rollout.plan_ids[row, n:] == janus.plan_tokenizer.pad_token_id).all()
+            assert stops[row, n - 1] and (rollout.plan_ids[row, n:] == planner.plan_tokenizer.pad_token_id).all()
         assert not stops[row, : n - 1].any()
     assert len(rollout.plans) == 6 and all(isinstance(p, str) for p in rollout.plans)
     assert rollout.select(torch.tensor([4, 1])).plans == [rollout.plans[4], rollout.plans[1]]
     # which spans are actions is configurable
     for train_plan, train_image in ((False, True), (True, False)):
-        janus.set_plan(PlanSettings(max_tokens=6, temperature=1.3, train_plan=train_plan, train_image=train_image))
+        planner.set_plan(PlanSettings(max_tokens=6, temperature=1.3, train_plan=train_plan, train_image=train_image))
         try:
-            other = sample(janus)
+            other = sample(planner)
         finally:
-            janus.set_plan(PLAN)
+            planner.set_plan(PLAN)
         assert other.action_mask[:, :plan_width].any() == train_plan
-        assert other.action_mask[:, plan_width:].any() == (train_image and free_image_tokens(janus))
+        assert other.action_mask[:, plan_width:].any() == (train_image and free_image_tokens(planner))
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_logprobs_are_consistent_over_both_spans(janus, cfg_scale):
-    rollout = sample(janus, cfg_scale=cfg_scale)
+def test_logprobs_are_consistent_over_both_spans(planner, cfg_scale):
+    rollout = sample(planner, cfg_scale=cfg_scale)
     with torch.no_grad():
-        scored, entropy = janus.token_logprobs(rollout, "mixture", return_entropy=True)
+        scored, entropy = planner.token_logprobs(rollout, "mixture", return_entropy=True)
     mask = rollout.action_mask
     assert (scored - rollout.logprobs)[mask].abs().max() <= 1e-4
     assert (scored[:, :PLAN.max_tokens][~mask[:, :PLAN.max_tokens]] == 0).all()
     assert entropy.shape == scored.shape and (entropy[mask] > 0).all()
 
 
-def test_plan_scores_do_not_depend_on_batch_padding(janus):
-    rollout = sample(janus)
-    alone = janus.sample(PROMPTS[:1], 1, cfg_scale=3.0, generator=torch.Generator().manual_seed(5))
+def test_plan_scores_do_not_depend_on_batch_padding(planner):
+    rollout = sample(planner)
+    alone = planner.sample(PROMPTS[:1], 1, cfg_scale=3.0, generator=torch.Generator().manual_seed(5))
     in_batch = rollout.select(torch.tensor([0]))
     in_batch.completion_ids = alone.completion_ids
     assert (in_batch.prompt_mask == 0).any()
     with torch.no_grad():
-        assert (janus.token_logprobs(alone) - janus.token_logprobs(in_batch)).abs().max() <= 1e-4
+        assert (planner.token_logprobs(alone) - planner.token_logprobs(in_batch)).abs().max() <= 1e-4
 
 
-def test_the_image_is_conditioned_on_the_plan(janus):
-    if not free_image_tokens(janus):
-        pytest.skip(f"{janus.name}'s image tokens are forced: their log-probs are 0 whatever the plan")
-    rollout = sample(janus, cfg_scale=1.0)
+def test_the_image_is_conditioned_on_the_plan(planner):
+    if not free_image_tokens(planner):
+        pytest.skip(f"{planner.name}'s image tokens are forced: their log-probs are 0 whatever the plan")
+    rollout = sample(planner, cfg_scale=1.0)
     swapped = rollout.select(torch.arange(len(rollout)))
     plans = rollout.plan_ids.flip(0)  # other plans, same prompts' rows (0..2 and 3..5 swap)
     swapped.completion_ids = torch.cat([plans, rollout.image_ids], dim=1)
     with torch.no_grad():
-        image_a = janus.token_logprobs(rollout)[:, PLAN.max_tokens:]
-        image_b = janus.token_logprobs(swapped)[:, PLAN.max_tokens:]
+        image_a = planner.token_logprobs(rollout)[:, PLAN.max_tokens:]
+        image_b = planner.token_logprobs(swapped)[:, PLAN.max_tokens:]
     assert (image_a - image_b).abs().max() > 1e-3
 
 
-def test_image_context_masks_the_end_marker_and_a_repeated_begin_of_image(janus):
-    tok = janus.plan_tokenizer
+def test_image_context_masks_the_end_marker_and_a_repeated_begin_of_image(planner):
+    tok = planner.plan_tokenizer
     red, blue = tok.convert_tokens_to_ids("red"), tok.convert_tokens_to_ids("blue")
-    eos, pad, boi = janus.end_marker_id(), tok.pad_token_id, janus.image_prefix_ids[0]
+    eos, pad, boi = planner.end_marker_id(), tok.pad_token_id, planner.image_prefix_ids[0]
     assert tok.unk_token_id not in (red, blue), "the tiny tokenizer must know 'red' and 'blue'"
     span = torch.tensor([[red, eos, pad, pad, pad, pad], [red, blue, boi, pad, pad, pad],
                          [red] * 6])
     prompt_ids, prompt_mask = torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long)
-    ids, mask = janus.plan_context(prompt_ids, prompt_mask, span)
-    prefix = len(janus.image_prefix_ids)
-    assert ids[:, 8:9].tolist() == [[boi]] * 3 and ids[:, 8:].tolist() == [janus.image_prefix_ids] * 3
+    ids, mask = planner.plan_context(prompt_ids, prompt_mask, span)
+    prefix = len(planner.image_prefix_ids)
+    assert ids[:, 8:9].tolist() == [[boi]] * 3 and ids[:, 8:].tolist() == [planner.image_prefix_ids] * 3
     tail = [1] * (prefix - 1)
     assert mask.tolist() == [[1, 1, 1, 0, 0, 0, 0, 0, 1] + tail,  # end marker and padding out, BOI appended
                              [1, 1, 1, 1, 1, 0, 0, 0, 0] + tail,  # the plan wrote BOI: no second one
                              [1, 1, 1, 1, 1, 1, 1, 1, 1] + tail]  # ran to max_tokens
-    assert janus.plan_written(span).sum(1).tolist() == [2, 3, 6]
+    assert planner.plan_written(span).sum(1).tolist() == [2, 3, 6]
 
 
-def test_plan_settings_and_families_are_checked(janus):
+def test_plan_settings_and_families_are_checked(planner):
     with pytest.raises(ValueError, match="{prompt}"):
         PlanSettings(instruction="draw it")
     with pytest.raises(ValueError, match="max_tokens"):
         PlanSettings(max_tokens=0)
     with pytest.raises(ValueError, match="not a token"):
-        janus.set_plan(PlanSettings(end_marker="<no_such_token>"))
-    janus.set_plan(PLAN)
+        planner.set_plan(PlanSettings(end_marker="<no_such_token>"))
+    planner.set_plan(PLAN)
 
 
 class PlanNamesColours(Reward):

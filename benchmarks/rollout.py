@@ -82,35 +82,23 @@ def janus_step_bytes(policy, rows: int, context: float) -> float:
 @torch.no_grad()
 def janus_two_pass_sample(policy, prompts: list[str], group_size: int, settings: SamplingSettings,
                           generator: torch.Generator | None) -> torch.Tensor:
-    """Ablation: `JanusPolicy.sample` with the conditional and unconditional rows in two separate passes (two KV
-    caches, two LM calls per token) instead of one batch. Same distribution; only the batching differs."""
-    from transformers import DynamicCache
-
-    from policies.base import position_ids_from_mask, process_logits, sample_from_logits
+    """Ablation: the engine's loop with the conditional and unconditional rows as two streams (two KV caches, two
+    LM calls per token) instead of one batch. Same distribution; only the batching differs."""
+    from policies.base import Stream, process_logits, sample_from_logits
 
     ids, mask = policy.encode_prompts(prompts)
-    n = len(prompts) * group_size
-    passes = []
-    for rows_ids in (ids, policy.unconditional_ids(ids)) if settings.uses_cfg else (ids,):
-        cache = DynamicCache(config=policy.model.config.text_config)
-        positions = position_ids_from_mask(mask)
-        out = policy._language_model(policy.model.get_input_embeddings()(rows_ids), mask, positions, cache)
-        cache.batch_repeat_interleave(group_size)
-        passes.append([cache, out.last_hidden_state[:, -1].repeat_interleave(group_size, 0)])
-    attn = mask.repeat_interleave(group_size, 0)
-    next_position = position_ids_from_mask(mask)[:, -1:].repeat_interleave(group_size, 0) + 1
-    tokens = torch.empty(n, policy.num_completion_tokens, dtype=torch.long, device=policy.device)
-    for t in range(policy.num_completion_tokens):
-        logits = [policy.model.model.generation_head(hidden) for _, hidden in passes]
+    n, steps = len(prompts) * group_size, policy.num_image_tokens
+    rows = [ids, policy.unconditional_ids(ids)] if settings.uses_cfg else [ids]
+    decoders = [policy.start_decoder(Stream(r, mask, group_size), steps - 1, i) for i, r in enumerate(rows)]
+    tokens = torch.empty(n, steps, dtype=torch.long, device=policy.device)
+    for t in range(steps):
+        logits = [policy.image_logits(decoder.last) for decoder in decoders]
         tokens[:, t], _ = sample_from_logits(
             process_logits(logits[0], logits[1] if len(logits) > 1 else None, settings), generator)
-        if t + 1 == policy.num_completion_tokens:
+        if t + 1 == steps:
             break
-        attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
-        embeds = policy.model.prepare_embeddings_for_image_generation(tokens[:, t : t + 1])
-        for p in passes:
-            p[1] = policy._language_model(embeds, attn, next_position, p[0]).last_hidden_state[:, -1]
-        next_position = next_position + 1
+        for decoder in decoders:
+            decoder.step(policy.image_inputs(tokens[:, t : t + 1]))
     return tokens
 
 

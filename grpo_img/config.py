@@ -34,12 +34,15 @@ class GRPOImgConfig:
     prompt_column: str = "prompt"
 
     # -- sampling (identical in rollout and scoring) -------------------------------------------------------------
+    # cfg_scale / temperature / top_k / top_p: None takes the policy family's release setting (its
+    # `default_sampling`: Janus-Pro CFG 5, Emu3 3, Chameleon/Anole 3, BLIP3o-NEXT 1 = none, SEED-X none); the run's
+    # saved config.json holds the resolved values.
     num_generations: int = 8  # G, samples per prompt
-    cfg_scale: float = 5.0
+    cfg_scale: float | None = None
     cfg_mode: str = "mixture"  # "mixture": score the guided distribution sampled from; "conditional": cond only
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
 
     # -- think-then-draw (policies/plan.py): a text plan first, then the image conditioned on prompt + plan --------
     plan: bool = False
@@ -161,6 +164,9 @@ class GRPOImgConfig:
             raise ValueError("train_image_tokens: false leaves nothing to train without a plan (set plan: true)")
         if self.plan:
             self.plan_settings()  # validates the plan fields
+        from policies.base import SamplingSettings
+
+        SamplingSettings().override(self.cfg_scale, self.temperature, self.top_k, self.top_p)  # validates the ranges
 
     def plan_settings(self):
         """The think-then-draw settings, or None when it is off."""
@@ -175,6 +181,11 @@ class GRPOImgConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_sampling(self, settings) -> "GRPOImgConfig":
+        """This config with the sampling fields set to `settings` (a resolved `policies.SamplingSettings`)."""
+        return dataclasses.replace(self, cfg_scale=settings.cfg_scale, temperature=settings.temperature,
+                                   top_k=settings.top_k, top_p=settings.top_p)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(GRPOImgConfig)}

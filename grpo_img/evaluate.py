@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -59,10 +59,12 @@ class Benchmark:
 
 @dataclass
 class Sampling:
-    cfg_scale: float = 5.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    """Sampling overrides; a value left at None is the policy family's release setting (`default_sampling`)."""
+
+    cfg_scale: float | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -78,6 +80,8 @@ def evaluate(policy, benchmark: Benchmark, out_dir: str | Path | None = None, nu
     the file must come from the same benchmark (same prompt at the same index), or this raises.
     """
     sampling = sampling or Sampling()
+    settings = policy.sampling_settings(**asdict(sampling))  # the family's defaults where nothing was given
+    log.info("sampling with %s (%s)", settings, "family defaults" if sampling == Sampling() else "given")
     records = benchmark.records
     out = Path(out_dir) if out_dir is not None else None
     done: dict[int, dict] = {}
@@ -98,8 +102,8 @@ def evaluate(policy, benchmark: Benchmark, out_dir: str | Path | None = None, nu
         chunk = [records[i] for i in pending]
         generator = torch.Generator(policy.device).manual_seed(seed * 1_000_003 + chunk_start // prompts_per_batch)
         with torch.no_grad():
-            rollout = policy.sample([r.prompt for r in chunk], num_images, cfg_scale=sampling.cfg_scale,
-                                    temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+            rollout = policy.sample([r.prompt for r in chunk], num_images, cfg_scale=settings.cfg_scale,
+                                    temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
                                     generator=generator)
             images = policy.decode(rollout)
         per_image_records = [r for r in chunk for _ in range(num_images)]
@@ -126,6 +130,7 @@ def evaluate(policy, benchmark: Benchmark, out_dir: str | Path | None = None, nu
     policy.model.train(was_training)
 
     report = summarize([done[i] for i in sorted(done)], benchmark, num_images)
+    report["sampling"] = {**asdict(settings), "given": {k: v for k, v in asdict(sampling).items() if v is not None}}
     if out is not None:
         (out / "report.json").write_text(json.dumps(report, indent=2))
         (out / "report.md").write_text(markdown_report(report))
@@ -191,6 +196,16 @@ def summarize(results: list[dict], benchmark: Benchmark, num_images: int) -> dic
     }
 
 
+def _sampling_line(sampling: dict | None) -> str:
+    if not sampling:
+        return ""
+    values = ", ".join(f"{k} {sampling[k]}" for k in ("cfg_scale", "temperature", "top_k", "top_p"))
+    given = sampling.get("given") or {}
+    source = "all the family's defaults" if not given else f"given: {', '.join(sorted(given))}; the rest the family's"
+    cfg = "no CFG" if sampling["cfg_scale"] == 1.0 else f"CFG {sampling['cfg_scale']}"
+    return f"Sampling: {cfg} ({values}; {source})."
+
+
 def markdown_report(report: dict) -> str:
     metrics = sorted({key for task in report["tasks"].values() for key in task})
     over = "mean of the task scores" if report["overall_over"] == "tasks" else "mean over images"
@@ -198,6 +213,7 @@ def markdown_report(report: dict) -> str:
     lines = [f"# {report['benchmark']}", "", f"Overall ({report['headline']}, {over}): **{report['overall']:.4f}**",
              "", f"Means over all images: {means}.", "",
              f"{report['prompts']} of {report['prompts_total']} prompts, {report['images_per_prompt']} images each.",
+             "", _sampling_line(report.get("sampling")),
              "", "| task | prompts | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for task, means in report["tasks"].items():
         cells = [f"{means[m]:.4f}" if m in means else "" for m in metrics]
@@ -382,10 +398,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
     parser.add_argument("--batch-prompts", type=int, default=4, help="prompts sampled together")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of each task")
-    parser.add_argument("--cfg-scale", type=float, default=5.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    family = "default: the policy family's release setting"
+    parser.add_argument("--cfg-scale", type=float, default=None, help=family)
+    parser.add_argument("--temperature", type=float, default=None, help=family)
+    parser.add_argument("--top-k", type=int, default=None, help=family)
+    parser.add_argument("--top-p", type=float, default=None, help=family)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return parser.parse_args(argv)

@@ -319,7 +319,6 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "config.json")
     torch.manual_seed(config.seed)
 
     records = load_prompts(config.prompts, config.prompt_column)
@@ -327,6 +326,13 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
                               accelerator.num_processes)
     reward_fn = rewards.build_composite(config.rewards)
     policy = setup_policy(config, accelerator.device)
+    # Sampling settings left unset are the family's release ones; from here on the config holds them explicitly.
+    config = config.with_sampling(policy.sampling_settings(config.cfg_scale, config.temperature, config.top_k,
+                                                           config.top_p))
+    log.info("sampling: cfg_scale %s, temperature %s, top_k %s, top_p %s", config.cfg_scale, config.temperature,
+             config.top_k, config.top_p)
+    if accelerator.is_main_process:
+        save_config(config, output_dir / "config.json")
     adapter_params, head_params = policy.trainable_parameters()
     broadcast_trainable(adapter_params + head_params, accelerator)
     checkpoint = find_checkpoint(output_dir, resume) if resume else None

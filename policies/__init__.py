@@ -28,16 +28,24 @@ def policy_class(name: str) -> type[Policy]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
+# Options of the engine (policies/base.py), the same for every family.
+ENGINE_OPTIONS = ("static_cache", "compile_decode")
+
+
 def build(name: str, **options) -> Policy:
-    """Build a registered policy: `build("janus", tiny=True)` or `build("janus", model_name_or_path=ID_OR_DIR)`."""
+    """Build a registered policy: `build("janus", tiny=True)` or `build("janus", model_name_or_path=ID_OR_DIR)`.
+
+    `static_cache=True` / `compile_decode=True` choose the decode loop's fast path, for any family."""
     cls = policy_class(name)
+    engine = {k: options.pop(k) for k in ENGINE_OPTIONS if k in options}
     accepted = inspect.signature(cls.build).parameters
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for policy {name!r}; accepted: {', '.join(sorted(accepted))}"
-        )
-    return cls.build(**options)
+        raise ValueError(f"unknown option(s) {unknown} for policy {name!r}; accepted: "
+                         f"{', '.join(sorted([*accepted, *ENGINE_OPTIONS]))}")
+    policy = cls.build(**options)
+    policy.set_decoding(**engine)
+    return policy
 
 
 __all__ = ["Policy", "Rollout", "SamplingSettings", "available", "build", "policy_class"]

@@ -1,12 +1,23 @@
-"""The policy contract: what every model family gives the trainer.
+"""The policy contract and the one sampling/scoring engine that every model family runs on.
 
 A policy samples image tokens (with classifier-free guidance), turns them into pixels and scores its own samples
-by teacher forcing. The trainer sees only this interface; everything family-specific (prompt format, which head
-gives the image logits, how tokens become pixels) lives in one file per family.
+by teacher forcing. The trainer sees only `Policy.sample`, `Policy.decode` and `Policy.token_logprobs`; all three
+are written once, here, as templates over small family hooks:
+
+    sample:          image_contexts (prompts, or prompt + plan) -> sample_image (the one KV-cached decode loop over
+                     the family's streams: conditional, unconditional / negative rows) -> Rollout
+    token_logprobs:  image_context -> score_image (one teacher-forced forward per stream, the same guided
+                     distribution) -> plan span prepended when there is one
+
+A family implements: `encode_prompts`, `guidance_rows` (or `image_streams`, for a separate negative prompt),
+`hidden_states` (its language model), `image_logits` (its image head), optionally `forced_image_tokens`,
+`context_inputs` / `image_inputs` (embeddings instead of ids), `image_token_ids` / `image_choice_index` (where its
+image codes sit in the vocabulary), `rollout_extras`, and `decode`. Think-then-draw is attached from outside
+(`policies/plan.py`, through `set_plan`); the family only provides text hooks (`text_logits`, ...).
 
 The guided, filtered next-token distribution is built by one function, `process_logits`, used by the sampler and
-by the scorer of every family, so that "the distribution sampled from" and "the distribution scored" cannot drift
-apart.
+the scorer alike, so that "the distribution sampled from" and "the distribution scored" cannot drift apart.
+Release sampling settings live in each family's `default_sampling`; a setting left at None takes that value.
 """
 
 from __future__ import annotations
@@ -14,11 +25,16 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
+import logging
 from typing import Callable, Iterator, Literal
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from trl.trainer.utils import selective_log_softmax
+
+log = logging.getLogger(__name__)
 
 CfgMode = Literal["mixture", "conditional"]
 
@@ -48,6 +64,12 @@ class SamplingSettings:
     @property
     def uses_cfg(self) -> bool:
         return self.cfg_scale != 1.0
+
+    def override(self, cfg_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None) -> "SamplingSettings":
+        """These settings with every value that is not None replaced (None: keep this, e.g. the family default)."""
+        given = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        return replace(self, **{k: v for k, v in given.items() if v is not None})
 
 
 @dataclass
@@ -96,6 +118,55 @@ class Rollout:
                 picked[f.name] = {k: v[index] if isinstance(v, Tensor) else [v[i] for i in index.tolist()]
                                   for k, v in value.items()}
         return replace(self, **picked)
+
+
+@dataclass
+class PlanBatch:
+    """Sampled think-then-draw plans (policies/plan.py), one row per sample."""
+
+    ids: Tensor  # [N, M] the span, pad after the stop token
+    written: Tensor  # [N, M] bool, tokens actually written (incl. the stop token)
+    logprobs: Tensor  # [N, M] float32, 0 where not written
+    texts: list[str]
+
+
+@dataclass
+class ImageContexts:
+    """What the image sampler runs after (`ids`, `mask`, `repeats` samples per row) and the per-sample prompt rows
+    the rollout keeps. Without a plan one context per prompt (its prefill shared by the group), with a plan one per
+    sample (prompt + its own plan + the image prefix)."""
+
+    prompt_ids: Tensor  # [N, P] one row per sample
+    prompt_mask: Tensor
+    ids: Tensor  # [N / repeats, C] the contexts
+    mask: Tensor
+    repeats: int
+    plan: PlanBatch | None
+
+
+@dataclass
+class Stream:
+    """Rows that decode together on one KV cache: `ids`/`mask` prefilled once, each row continued by `repeats`
+    samples. A family's streams hold, in order, the conditional rows and then (with guidance) the unconditional or
+    negative rows, so that their outputs concatenated are [cond (N rows); uncond (N rows)]."""
+
+    ids: Tensor
+    mask: Tensor
+    repeats: int
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids) * self.repeats
+
+
+@dataclass
+class ImageSample:
+    """What `Policy.sample_image` returns: the image span of the rollout."""
+
+    tokens: Tensor  # [N, T] long, vocabulary ids
+    free: Tensor  # [N, T] bool, free choices (False: forced, log-prob 0)
+    logprobs: Tensor  # [N, T] float32
+    extras: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,44 +218,84 @@ def position_ids_from_mask(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class CachedDecoder:
-    """Rows that decode one token at a time on a KV cache. Each context row is prefilled once and its cache shared
-    by the `repeats` samples drawn from it (rows [i * repeats, (i + 1) * repeats) continue context row i).
-
-    `forward(inputs, mask, positions, cache)` runs the family's model and returns what the next token is drawn from
-    at the last position ([rows, ...]: hidden states or logits). Positions come from the mask, so left padding and
-    masked columns shift nothing.
-    """
-
-    def __init__(self, forward: Callable[..., Tensor], inputs: Tensor, mask: Tensor, repeats: int, cache) -> None:
-        self.forward, self.cache = forward, cache
-        last = forward(inputs, mask, position_ids_from_mask(mask), cache)
-        if repeats > 1:
-            cache.batch_repeat_interleave(repeats)
-        self.last = last.repeat_interleave(repeats, 0)
-        self.mask = mask.repeat_interleave(repeats, 0)
-
-    def step(self, inputs: Tensor, attended: Tensor | None = None) -> Tensor:
-        """Feed one token per row (`attended` [rows]: 0 where the fed token must stay unseen, e.g. padding after a
-        row has finished) and return the new output at the last position."""
-        column = self.mask.new_ones(len(self.mask), 1) if attended is None else attended.to(self.mask.dtype)[:, None]
-        self.mask = torch.cat([self.mask, column], dim=1)
-        self.last = self.forward(inputs, self.mask, position_ids_from_mask(self.mask)[:, -1:], self.cache)
-        return self.last
-
 
 def check_cfg_mode(cfg_mode: str) -> None:
     if cfg_mode not in ("mixture", "conditional"):
         raise ValueError(f"cfg_mode must be 'mixture' or 'conditional', got {cfg_mode!r}")
 
 
+def draw_seeds(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """One seed per row from the sampling generator (for a decoder's noise), so a rollout decodes reproducibly."""
+    seed_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randint(0, 2**62, (n,), generator=generator, device=seed_device).to(device)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# The contract
+# The decode loop's KV cache
+
+
+class CachedDecoder:
+    """Rows that decode one token at a time on a KV cache. Each context row is prefilled once and its cache shared
+    by the `repeats` samples drawn from it (rows [i * repeats, (i + 1) * repeats) continue context row i).
+
+    `forward(inputs, mask, positions, cache)` runs the family's model and returns its output at the last position
+    ([rows, ...]). Positions come from the mask, so left padding and masked columns shift nothing.
+
+    With `static` (a transformers `StaticCache` of length prompt + `max_new_tokens`), the prefilled cache is copied
+    into it and every step has fixed shapes (a full-length mask written in place, positions counted, no
+    concatenation), which is what lets a compiled `step_forward` replay as one CUDA graph. Both paths feed the model
+    the same sequence; the golden test checks that they sample the same tokens.
+    """
+
+    def __init__(self, forward: Callable[..., Tensor], inputs: Tensor, mask: Tensor, repeats: int, cache,
+                 static=None, max_new_tokens: int = 0, step_forward: Callable[..., Tensor] | None = None) -> None:
+        self.forward, self.cache = forward, cache
+        self.step_forward = step_forward or forward
+        last = forward(inputs, mask, position_ids_from_mask(mask), cache)
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+        self.last = last.repeat_interleave(repeats, 0)
+        self.mask = mask.repeat_interleave(repeats, 0)
+        # attended tokens so far per row: the next fed token's position is this count (positions = cumsum - 1)
+        self.count = self.mask.long().sum(-1, keepdim=True)
+        self.static = static is not None
+        if self.static:
+            prompt_len = mask.shape[1]
+            for static_layer, layer in zip(static.layers, cache.layers):
+                if not static_layer.is_initialized:
+                    static_layer.lazy_initialization(layer.keys, layer.values)
+                static_layer.keys[:, :, :prompt_len] = layer.keys
+                static_layer.values[:, :, :prompt_len] = layer.values
+                static_layer.cumulative_length.fill_(prompt_len)
+            self.cache = static
+            full = self.mask.new_zeros(len(self.mask), prompt_len + max_new_tokens)
+            full[:, :prompt_len] = self.mask
+            self.mask, self.length = full, prompt_len
+
+    def step(self, inputs: Tensor, attended: Tensor | None = None) -> Tensor:
+        """Feed one token per row (`attended` [rows]: 0 where the fed token must stay unseen, e.g. padding after a
+        row has finished) and return the new output at the last position."""
+        column = self.mask.new_ones(len(self.mask), 1) if attended is None else attended.to(self.mask.dtype)[:, None]
+        self.count = self.count + column.long()
+        positions = (self.count - 1).clamp(min=0)
+        if self.static:
+            self.mask[:, self.length : self.length + 1] = column
+            self.length += 1
+            # clone: a CUDA-graph replay overwrites its output buffer on the next call
+            self.last = self.step_forward(inputs, self.mask, positions, self.cache).clone()
+        else:
+            self.mask = torch.cat([self.mask, column], dim=1)
+            self.last = self.forward(inputs, self.mask, positions, self.cache)
+        return self.last
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The contract, and the engine written once
 
 
 class Policy(ABC):
-    """A token-level image policy. Subclasses set `model` (the HF model, trained through LoRA) and implement the
-    four abstract methods; the trainer uses nothing else."""
+    """A token-level image policy. The trainer uses `sample`, `decode`, `token_logprobs`, the LoRA helpers and
+    `save_pretrained`; a family implements the hooks below (see the module docstring)."""
 
     name: str = ""
     #: LoRA targets: names or a regex over module names, language model only.
@@ -197,42 +308,328 @@ class Policy(ABC):
     free_image_tokens: bool = True
     #: False where guidance lives outside the token distribution (SEED-X guides its diffusion de-tokenizer).
     token_cfg: bool = True
-    #: Think-then-draw settings (policies/plan.py), set with `set_plan`; None: the image follows the prompt.
+    #: The release's sampling of image tokens; every setting a caller leaves at None takes this value.
+    default_sampling: SamplingSettings = SamplingSettings()
+    #: Think-then-draw settings and the planner attached by `set_plan` (policies/plan.py); None: no plan.
     plan = None
+    planner = None
     #: Side of the decoded square image in pixels.
     image_size: int = 0
+    #: Scoring applies the image head to this many positions at a time, under activation checkpointing when
+    #: gradients are on (only hidden states are kept for backward); None: all positions at once.
+    score_chunk_size: int | None = None
+    #: Decode on a preallocated StaticCache, and (CUDA only) through a CUDA-graph compiled step (`set_decoding`).
+    static_cache: bool = False
+    compile_decode: bool = False
 
     model: nn.Module
     peft_model: nn.Module | None = None
 
+    # -- hooks every family implements --------------------------------------------------------------------------
+
     @abstractmethod
-    def sample(
-        self,
-        prompts: list[str],
-        group_size: int,
-        *,
-        cfg_scale: float = 1.0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-    ) -> Rollout:
-        """Sample `group_size` images per prompt (no grad)."""
+    def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """The family's image-generation prompts (ending where the first image token follows), left-padded."""
+
+    @abstractmethod
+    def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
+        """Final hidden states [B, L, D] of the language model on `inputs` (ids, or what `context_inputs` /
+        `image_inputs` make of them), updating `cache` when given."""
+
+    @abstractmethod
+    def image_logits(self, hidden: Tensor) -> Tensor:
+        """The image head: logits [..., K] over the image choices (index k is `image_token_ids(k)`)."""
 
     @abstractmethod
     def decode(self, rollout: Rollout) -> list[Image.Image]:
         """Tokens to pixels, the whole way, no grad, micro-batched."""
 
     @abstractmethod
-    def token_logprobs(
-        self, rollout: Rollout, cfg_mode: CfgMode = "mixture", return_entropy: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Teacher-forced log-probs [N, T] of the rollout's tokens, with grad. With `return_entropy`, also the
-        entropy [N, T] of the scored distribution (detached)."""
-
-    @abstractmethod
     def save_pretrained(self, path: str) -> None:
         """Save weights and tokenizer/processor so that `build(name, model_name_or_path=path)` loads them back."""
+
+    # -- hooks with defaults ------------------------------------------------------------------------------------
+
+    @property
+    def cache_config(self):
+        """The config the KV caches are built from."""
+        return self.model.config
+
+    def guidance_rows(self, ids: Tensor, mask: Tensor, guided: bool) -> tuple[Tensor, Tensor]:
+        """The conditional rows and, when `guided`, the unconditional rows below them (same width)."""
+        if guided:
+            raise NotImplementedError(f"{self.name}: guidance_rows must build the unconditional rows")
+        return ids, mask
+
+    def image_streams(self, ids: Tensor, mask: Tensor, repeats: int, guided: bool) -> list[Stream]:
+        """The rows the sampler decodes: by default one stream holding `guidance_rows`."""
+        return [Stream(*self.guidance_rows(ids, mask, guided), repeats)]
+
+    def scoring_streams(self, rollout: Rollout, ids: Tensor, mask: Tensor, guided: bool) -> list[Stream]:
+        """The same rows for teacher forcing, one context per sample."""
+        return self.image_streams(ids, mask, 1, guided)
+
+    def context_inputs(self, ids: Tensor) -> Tensor:
+        """What the language model reads for context ids (default: the ids; Janus: their embeddings)."""
+        return ids
+
+    def image_inputs(self, tokens: Tensor) -> Tensor:
+        """What the language model reads for image tokens already drawn."""
+        return tokens
+
+    def image_token_ids(self, index: Tensor) -> Tensor:
+        """Index into `image_logits` -> the token ids the rollout holds."""
+        return index
+
+    def image_choice_index(self, token_ids: Tensor) -> Tensor:
+        """The inverse of `image_token_ids`."""
+        return token_ids
+
+    @property
+    def forced_image_tokens(self) -> Tensor | None:
+        """[T] long: the token forced at each image position, -1 where the policy chooses; None: all free."""
+        return None
+
+    def check_image_tokens(self, image_ids: Tensor) -> None:
+        """Raise if a completion does not follow the family's layout."""
+
+    def rollout_extras(self, n: int, generator: torch.Generator | None) -> dict:
+        """Per-row tensors the rollout carries (drawn after the tokens, so they never change the tokens)."""
+        return {}
+
+    # -- think-then-draw text hooks (used by policies/plan.py's Planner) ---------------------------------------
+
+    @property
+    def plan_refusal(self) -> str | None:
+        """Why this policy cannot write a plan (None: it can). By default: the family lacks the text hooks below."""
+        if type(self).text_logits is Policy.text_logits:
+            return "it lacks the text hooks of think-then-draw (text_logits, plan_prompt_text, image_prefix_ids)"
+        return None
+
+    plan_tokenizer = None  #: the text tokenizer (left padding, adds BOS)
+    default_plan_end_marker: str | None = None  #: the plan's end marker when none is configured; None: EOS
+
+    def plan_prompt_text(self, request: str) -> str:
+        """The family's prompt around the plan-writing request, ending where the plan starts."""
+        raise NotImplementedError
+
+    def text_logits(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
+        """Text-head logits [B, L, V] of the language model (updating `cache` when given)."""
+        raise NotImplementedError
+
+    @property
+    def image_prefix_ids(self) -> list[int]:
+        """Tokens between the plan and the image; the first is begin-of-image, which also stops a plan."""
+        raise NotImplementedError
+
+    def plan_banned_ids(self, end_marker_id: int) -> list[int]:
+        """Token ids a plan may not write (image-only tokens, ...); never the end marker."""
+        return []
+
+    def encode_plan_requests(self, requests: list[str]) -> tuple[Tensor, Tensor]:
+        """The plan-writing prompts, left-padded."""
+        batch = self.plan_tokenizer([self.plan_prompt_text(r) for r in requests], padding=True, return_tensors="pt")
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    # -- the template: sample ----------------------------------------------------------------------------------
+
+    def sampling_settings(self, cfg_scale: float | None = None, temperature: float | None = None,
+                          top_k: int | None = None, top_p: float | None = None) -> SamplingSettings:
+        """The family's release settings with the given values put in."""
+        settings = self.default_sampling.override(cfg_scale, temperature, top_k, top_p)
+        if settings.uses_cfg and not self.token_cfg and not getattr(self, "_warned_cfg", False):
+            log.warning("%s: cfg_scale=%s has no effect (the family has no token-level guidance)", self.name,
+                        settings.cfg_scale)
+            self._warned_cfg = True
+        return settings
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], group_size: int, *, cfg_scale: float | None = None,
+               temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+               generator: torch.Generator | None = None) -> Rollout:
+        """Sample `group_size` images per prompt (no grad). Settings left at None are the family's release ones
+        (`default_sampling`)."""
+        settings = self.sampling_settings(cfg_scale, temperature, top_k, top_p)
+        contexts = self.image_contexts(prompts, group_size, generator)
+        image = self.sample_image(contexts.ids, contexts.mask, contexts.repeats, settings, generator)
+        extras = {**image.extras, **self.rollout_extras(len(contexts.prompt_ids), generator)}
+        return self.make_rollout(prompts, group_size, contexts, image, settings, extras)
+
+    def image_contexts(self, prompts: list[str], group_size: int, generator: torch.Generator | None
+                       ) -> ImageContexts:
+        """Without a plan, one context per prompt: prefilled once, its KV cache shared by the group's samples.
+        With a plan, the planner writes one per sample (prompt + plan + image prefix)."""
+        if self.planner is not None:
+            return self.planner.image_contexts(prompts, group_size, generator)
+        ids, mask = self.encode_prompts(prompts)
+        return ImageContexts(ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0),
+                             ids, mask, group_size, None)
+
+    def image_context(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """The context the image tokens were sampled after, one row per sample: the prompt, or prompt + plan +
+        image prefix."""
+        if rollout.num_plan_tokens == 0:
+            return rollout.prompt_ids, rollout.prompt_mask
+        return self.planner.plan_context(rollout.prompt_ids, rollout.prompt_mask, rollout.plan_ids)
+
+    def sample_image(self, ids: Tensor, mask: Tensor, repeats: int, settings: SamplingSettings,
+                     generator: torch.Generator | None) -> ImageSample:
+        """The one decode loop: the image span after each context row, `repeats` samples per row. Every stream is
+        prefilled once; at a free position the guided distribution over the image head is sampled, a forced
+        position takes its token; every stream is then fed the token. Nothing is run after the last free
+        position (what follows is forced)."""
+        n, steps = len(ids) * repeats, self.num_image_tokens
+        guided = settings.uses_cfg and self.token_cfg
+        forced = self.forced_image_tokens
+        forced = forced.to(self.device) if forced is not None else torch.full((steps,), -1, device=self.device)
+        free = forced < 0
+        last_free = int(free.nonzero().max())
+        decoders = [self.start_decoder(stream, last_free, index)
+                    for index, stream in enumerate(self.image_streams(ids, mask, repeats, guided))]
+        tokens = forced.repeat(n, 1)
+        logprobs = torch.zeros(n, steps, dtype=torch.float32, device=self.device)
+        for t in range(last_free + 1):
+            if free[t]:
+                logits = torch.cat([self.image_logits(decoder.last) for decoder in decoders])
+                index, logprobs[:, t] = sample_from_logits(
+                    process_logits(logits[:n], logits[n:] if guided else None, settings), generator)
+                tokens[:, t] = self.image_token_ids(index)
+            if t == last_free:
+                break
+            for decoder in decoders:
+                decoder.step(self.image_inputs(tokens[:, t : t + 1].repeat(len(decoder.mask) // n, 1)))
+        return ImageSample(tokens, free.expand(n, -1).clone(), logprobs)
+
+    def start_decoder(self, stream: Stream, max_new_tokens: int, index: int = 0) -> CachedDecoder:
+        """Prefill `stream` on a fresh cache (a reused StaticCache with `static_cache`)."""
+        from transformers import DynamicCache
+
+        def last_hidden(inputs, mask, positions, cache):
+            return self.hidden_states(inputs, mask, positions, cache)[:, -1]
+
+        inputs = self.context_inputs(stream.ids)
+        prefill = DynamicCache(config=self.cache_config)
+        if not self.static_cache:
+            return CachedDecoder(last_hidden, inputs, stream.mask, stream.repeats, prefill)
+        length = stream.ids.shape[1] + max_new_tokens
+        return CachedDecoder(last_hidden, inputs, stream.mask, stream.repeats, prefill,
+                             static=self._reusable_static_cache(index, stream.rows, length),
+                             max_new_tokens=max_new_tokens, step_forward=self._step_function(last_hidden))
+
+    def _reusable_static_cache(self, index: int, rows: int, length: int):
+        """One StaticCache per (stream, rows, length, dtype, device), kept on the policy: its tensors are the static
+        addresses a captured CUDA graph reads, so a new cache per rollout would force a new capture."""
+        from transformers import StaticCache
+
+        caches = self.__dict__.setdefault("_static_caches", {})
+        key = (index, rows, length, self.dtype, self.device)
+        if key not in caches:
+            caches.clear() if len(caches) > 4 else None  # shapes changed (batch or plan): drop the old ones
+            caches[key] = StaticCache(config=self.cache_config, max_cache_len=length)
+        else:
+            caches[key].reset()  # zeros the tensors in place and rewinds the length
+        return caches[key]
+
+    def _step_function(self, last_hidden: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if not self.compile_decode:
+            return last_hidden
+        if self.device.type != "cuda":
+            if not getattr(self, "_warned_compile", False):
+                log.warning("%s: compile_decode needs CUDA; decoding eagerly on %s (static cache kept)", self.name,
+                            self.device)
+                self._warned_compile = True
+            return last_hidden
+        if getattr(self, "_compiled_step", None) is None:
+            # reduce-overhead = CUDA graphs: shapes are fixed by the static cache and the full-length mask.
+            self._compiled_step = torch.compile(last_hidden, mode="reduce-overhead", fullgraph=False)
+        return self._compiled_step
+
+    def set_decoding(self, static_cache: bool = False, compile_decode: bool = False) -> None:
+        """The decode loop's speed options for every family (compile implies the static cache)."""
+        self.static_cache, self.compile_decode = static_cache or compile_decode, compile_decode
+
+    def make_rollout(self, prompts: list[str], group_size: int, contexts: ImageContexts, image: ImageSample,
+                     settings: SamplingSettings, extras: dict) -> Rollout:
+        """A rollout with or without a plan span in front of the image span."""
+        completion, action, logprobs, width, texts = image.tokens, image.free, image.logprobs, 0, None
+        plan = contexts.plan
+        if plan is not None:
+            completion = torch.cat([plan.ids, image.tokens], dim=1)
+            action = torch.cat([plan.written & self.plan.train_plan, image.free & self.plan.train_image], dim=1)
+            logprobs = torch.cat([plan.logprobs, image.logprobs], dim=1)
+            width, texts = plan.ids.shape[1], plan.texts
+        return Rollout(
+            prompts=[p for p in prompts for _ in range(group_size)],
+            group_index=torch.arange(len(prompts), device=self.device).repeat_interleave(group_size),
+            prompt_ids=contexts.prompt_ids, prompt_mask=contexts.prompt_mask, completion_ids=completion,
+            action_mask=action, logprobs=logprobs, sampling=settings, extras=extras, num_plan_tokens=width,
+            plans=texts,
+        )
+
+    # -- the template: score ------------------------------------------------------------------------------------
+
+    def token_logprobs(self, rollout: Rollout, cfg_mode: CfgMode = "mixture", return_entropy: bool = False
+                       ) -> Tensor | tuple[Tensor, Tensor]:
+        """Teacher-forced log-probs [N, T] of the rollout's tokens, with grad: the image span under the
+        distribution it was sampled from (`"mixture"`) or the conditional logits alone (`"conditional"`), and the
+        plan span in front when there is one. With `return_entropy`, also the entropy [N, T] of the scored
+        distribution (detached). Forced tokens score exactly 0."""
+        check_cfg_mode(cfg_mode)
+        self.check_image_tokens(rollout.image_ids)
+        guided = cfg_mode == "mixture" and rollout.sampling.uses_cfg and self.token_cfg
+        context_ids, context_mask = self.image_context(rollout)
+        logprobs, entropy = self.score_image(rollout, context_ids, context_mask, guided, return_entropy)
+        if rollout.num_plan_tokens:
+            plan_logprobs, plan_entropy = self.planner.plan_logprobs(rollout)
+            logprobs = torch.cat([plan_logprobs, logprobs], dim=1)
+            entropy = torch.cat([plan_entropy, entropy], dim=1) if return_entropy else None
+        return (logprobs, entropy) if return_entropy else logprobs
+
+    def score_image(self, rollout: Rollout, context_ids: Tensor, context_mask: Tensor, guided: bool,
+                    return_entropy: bool) -> tuple[Tensor, Tensor | None]:
+        """Log-probs (and entropies) [N, T] of the image span: one teacher-forced forward per stream, the hidden
+        states that predict the free positions, the image head in chunks."""
+        image_ids = rollout.image_ids
+        n, steps = image_ids.shape
+        forced = self.forced_image_tokens
+        free = (forced < 0).nonzero().flatten().to(image_ids.device) if forced is not None else \
+            torch.arange(steps, device=image_ids.device)
+        last_free = int(free[-1])
+        hidden = []
+        for stream in self.scoring_streams(rollout, context_ids, context_mask, guided):
+            ids, mask = stream.ids.repeat_interleave(stream.repeats, 0), stream.mask.repeat_interleave(stream.repeats, 0)
+            previous = image_ids[:, :last_free].repeat(len(ids) // n, 1)
+            inputs = torch.cat([self.context_inputs(ids), self.image_inputs(previous)], dim=1)
+            attn = torch.cat([mask, mask.new_ones(previous.shape)], dim=1)
+            # the hidden state at position P-1+t predicts image token t
+            hidden.append(self.hidden_states(inputs, attn, position_ids_from_mask(attn))[:, ids.shape[1] - 1 + free])
+        hidden = torch.cat(hidden)
+        choices = self.image_choice_index(image_ids[:, free])
+        settings = rollout.sampling
+
+        def head(hidden_chunk: Tensor, choice_chunk: Tensor) -> tuple[Tensor, Tensor]:
+            logits = self.image_logits(hidden_chunk)
+            processed = process_logits(logits[:n], logits[n:] if guided else None, settings)
+            entropy = entropy_of_logits(processed.detach()) if return_entropy else processed.new_zeros(0)
+            return selective_log_softmax(processed, choice_chunk), entropy
+
+        chunk_size = self.score_chunk_size or len(free)
+        parts, entropies = [], []
+        for start in range(0, len(free), chunk_size):
+            chunk = slice(start, start + chunk_size)
+            if self.score_chunk_size and torch.is_grad_enabled():  # logits are recomputed per chunk in backward
+                logp, entropy = checkpoint(head, hidden[:, chunk], choices[:, chunk], use_reentrant=False)
+            else:
+                logp, entropy = head(hidden[:, chunk], choices[:, chunk])
+            parts.append(logp)
+            entropies.append(entropy)
+        logprobs = torch.cat(parts, 1)
+        entropy = torch.cat(entropies, 1).detach() if return_entropy else None
+        if len(free) < steps:  # forced positions score exactly 0
+            zeros = torch.zeros(n, steps, dtype=torch.float32, device=image_ids.device)
+            logprobs = zeros.index_copy(1, free, logprobs)
+            entropy = zeros.index_copy(1, free, entropy) if return_entropy else None
+        return logprobs, entropy
 
     # -- shared machinery ---------------------------------------------------------------------------------------
 
@@ -241,20 +638,10 @@ class Policy(ABC):
         """T of the rollout: the plan span (when think-then-draw is on) plus the image tokens."""
         return (self.plan.max_tokens if self.plan is not None else 0) + self.num_image_tokens
 
-    @num_completion_tokens.setter
-    def num_completion_tokens(self, value: int) -> None:  # families written before plans set this directly
-        self.num_image_tokens = value
-
     def set_plan(self, plan) -> None:
-        """Turn think-then-draw on (a `policies.plan.PlanSettings`) or off (None)."""
-        from policies.plan import ThinkThenDraw
-
-        if plan is not None and not isinstance(self, ThinkThenDraw):
-            raise NotImplementedError(f"policy {self.name!r} does not support think-then-draw yet (it needs the "
-                                      "ThinkThenDraw hooks of policies/plan.py)")
-        self.plan = plan
-        if plan is not None:
-            self.end_marker_id()  # fails now, not mid-run, on an unknown end marker
+        """Turn think-then-draw on (a `policies.plan.PlanSettings`, which attaches its planner) or off (None)."""
+        planner = plan.attach(self) if plan is not None else None  # raises for a family without text hooks
+        self.plan, self.planner = plan, planner
 
     @property
     def device(self) -> torch.device:

@@ -95,21 +95,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from trl.trainer.utils import selective_log_softmax
 
-from policies.base import (
-    CachedDecoder,
-    CfgMode,
-    Policy,
-    Rollout,
-    SamplingSettings,
-    check_cfg_mode,
-    entropy_of_logits,
-    position_ids_from_mask,
-    process_logits,
-    sample_from_logits,
-)
-from policies.plan import ThinkThenDraw
+from policies.base import Policy, Rollout, SamplingSettings, draw_seeds, position_ids_from_mask
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 GENERATION_INSTRUCTION = "Please generate image based on the following caption: {prompt}"
@@ -201,7 +188,7 @@ class DiffusionDecoder(nn.Module):
 # The policy
 
 
-class Blip3oNextPolicy(ThinkThenDraw, Policy):
+class Blip3oNextPolicy(Policy):
     name = "blip3o_next"
     # self.model is the Qwen3 backbone only (the decoder lives outside it), so plain names are safe.
     lora_target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -209,6 +196,9 @@ class Blip3oNextPolicy(ThinkThenDraw, Policy):
     # image-token rows are ever read, so only they get gradients. Real runs keep it off (LoRA only): a full copy of
     # the 217k-row head costs ~3.5 GB of fp32 optimizer state.
     modules_to_save = ["lm_head"]
+    # As released for RL: no AR-side CFG, temperature 1, the full distribution (module docstring).
+    default_sampling = SamplingSettings(cfg_scale=1.0, temperature=1.0)
+    default_plan_end_marker = PLAN_END_MARKER
 
     def __init__(
         self,
@@ -377,22 +367,13 @@ class Blip3oNextPolicy(ThinkThenDraw, Policy):
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def text_logits(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
-        return self.model.get_output_embeddings()(self._backbone(ids, mask, positions, cache))
+        return self.model.get_output_embeddings()(self.hidden_states(ids, mask, positions, cache))
 
     @property
     def image_prefix_ids(self) -> list[int]:
         return [self.ids["image_start_tag_id"], self.ids["scale_start_token_id"]]
 
-    def end_marker_id(self) -> int:
-        """Qwen's `<|im_end|>` unless the plan names another marker (module docstring)."""
-        if self.plan is not None and self.plan.end_marker is not None:
-            return super().end_marker_id()
-        token_id = self.tokenizer.convert_tokens_to_ids(PLAN_END_MARKER)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"{self.name}: the tokenizer has no {PLAN_END_MARKER} token; set the plan's end_marker")
-        return token_id
-
-    def plan_banned_ids(self) -> list[int]:
+    def plan_banned_ids(self, end_marker_id: int) -> list[int]:
         """Image tokens, scale tokens, `<im_end>`, and EOS and pad unless one is the end marker (module docstring)."""
         if self._image_only_ids is None:
             known = [self.tokenizer.convert_tokens_to_ids(t) for t in SCALE_TOKENS]
@@ -400,8 +381,7 @@ class Blip3oNextPolicy(ThinkThenDraw, Policy):
             image_tokens = range(self.image_start, self.image_start + self.codebook_size)
             self._image_only_ids = sorted({*image_tokens, *known, self.ids["scale_start_token_id"],
                                            self.ids["image_end_tag_id"]})
-        end = self.end_marker_id()
-        specials = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} - {None, end}
+        specials = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} - {None, end_marker_id}
         return [*self._image_only_ids, *sorted(specials)]
 
     def _tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
@@ -417,7 +397,7 @@ class Blip3oNextPolicy(ThinkThenDraw, Policy):
             raise ValueError("no prompts given")
         return self._tokenize([self.format_prompt(p) for p in prompts])
 
-    def _guidance_rows(self, ids: Tensor, mask: Tensor, with_uncond: bool) -> tuple[Tensor, Tensor]:
+    def guidance_rows(self, ids: Tensor, mask: Tensor, with_uncond: bool) -> tuple[Tensor, Tensor]:
         """Conditional rows, then (for AR-side CFG) one empty-caption row per conditional row, left-padded to one
         width. A function of (ids, mask) only, so sampling and scoring build the same rows."""
         if not with_uncond:
@@ -437,14 +417,14 @@ class Blip3oNextPolicy(ThinkThenDraw, Policy):
                                                                          device=mask.device))
         return torch.cat([ids, u_ids]), torch.cat([mask, u_mask])
 
-    # -- the AR model -------------------------------------------------------------------------------------------
+    # -- the engine's hooks (policies/base.py) ------------------------------------------------------------------
 
-    def _backbone(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
-        out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
+        out = self.model.model(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
                                use_cache=cache is not None)
         return out.last_hidden_state
 
-    def _image_logits(self, hidden: Tensor) -> Tensor:
+    def image_logits(self, hidden: Tensor) -> Tensor:
         """Logits at an image position: only the image-token rows of lm_head when restricted (never the full
         vocabulary), otherwise the full head as released."""
         head = self.model.get_output_embeddings()
@@ -454,76 +434,15 @@ class Blip3oNextPolicy(ThinkThenDraw, Policy):
         bias = head.bias[rows] if getattr(head, "bias", None) is not None else None
         return nn.functional.linear(hidden, head.weight[rows], bias)
 
-    def _action_index(self, token_ids: Tensor) -> Tensor:
-        """Vocabulary ids -> index into the logits of `_image_logits`."""
+    def image_token_ids(self, index: Tensor) -> Tensor:
+        return index + self.image_start if self.restrict_to_image_tokens else index
+
+    def image_choice_index(self, token_ids: Tensor) -> Tensor:
         return token_ids - self.image_start if self.restrict_to_image_tokens else token_ids
 
-    @torch.no_grad()
-    def sample(
-        self,
-        prompts: list[str],
-        group_size: int,
-        *,
-        cfg_scale: float = 1.0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-    ) -> Rollout:
-        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
-        contexts = self.image_contexts(prompts, group_size, generator)  # with a plan: prompt + plan + <im_start><S0>
-        tokens, logprobs = self._sample_image(contexts.ids, contexts.mask, contexts.repeats, settings, generator)
-
-        # Drawn after the tokens, so the tokens do not depend on it; fixes each row's diffusion noise.
-        n = len(prompts) * group_size
-        seed_device = generator.device if generator is not None else torch.device("cpu")
-        decode_seed = torch.randint(0, 2**62, (n,), generator=generator, device=seed_device).to(self.device)
-        return self.make_rollout(prompts, group_size, contexts.prompt_ids, contexts.prompt_mask, tokens,
-                                 torch.ones_like(tokens, dtype=torch.bool), logprobs, settings, contexts.plan,
-                                 extras={"decode_seed": decode_seed})
-
-    def _sample_image(self, ids: Tensor, mask: Tensor, repeats: int, settings: SamplingSettings,
-                      generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """Image tokens (vocabulary ids) and their log-probs after each context row (ending with `<S0>`),
-        `repeats` samples per row (KV-cached, optional AR-side CFG)."""
-        from transformers import DynamicCache
-
-        n = ids.shape[0] * repeats
-        rows_ids, rows_mask = self._guidance_rows(ids, mask, settings.uses_cfg)
-        decoder = CachedDecoder(lambda *args: self._backbone(*args)[:, -1], rows_ids, rows_mask, repeats,
-                                DynamicCache(config=self.model.config))
-
-        tokens = torch.empty(n, self.num_image_tokens, dtype=torch.long, device=self.device)
-        logprobs = torch.empty(n, self.num_image_tokens, dtype=torch.float32, device=self.device)
-        offset = self.image_start if self.restrict_to_image_tokens else 0
-        for t in range(self.num_image_tokens):
-            logits = self._image_logits(decoder.last)
-            uncond = logits[n:] if settings.uses_cfg else None
-            index, logprobs[:, t] = sample_from_logits(process_logits(logits[:n], uncond, settings), generator)
-            tokens[:, t] = index + offset
-            if t + 1 == self.num_image_tokens:
-                break
-            decoder.step(tokens[:, t : t + 1].repeat(2 if settings.uses_cfg else 1, 1))
-        return tokens, logprobs
-
-    def token_logprobs(self, rollout: Rollout, cfg_mode: CfgMode = "mixture", return_entropy: bool = False):
-        check_cfg_mode(cfg_mode)
-        settings = rollout.sampling
-        with_uncond = cfg_mode == "mixture" and settings.uses_cfg
-        context_ids, context_mask = self.image_context(rollout)  # the prompt, or prompt + plan + <im_start><S0>
-        rows_ids, rows_mask = self._guidance_rows(context_ids, context_mask, with_uncond)
-        image_ids = rollout.image_ids
-        previous = image_ids[:, :-1].repeat(2 if with_uncond else 1, 1)
-        ids = torch.cat([rows_ids, previous], dim=1)
-        attn = torch.cat([rows_mask, rows_mask.new_ones(previous.shape)], dim=1)
-        hidden = self._backbone(ids, attn, position_ids_from_mask(attn))
-        # the state at position P-1+t (P-1 is <S0>) predicts image token t
-        logits = self._image_logits(hidden[:, rows_ids.shape[1] - 1 :])
-        n = len(rollout)
-        processed = process_logits(logits[:n], logits[n:] if with_uncond else None, settings)
-        logprobs = selective_log_softmax(processed, self._action_index(image_ids))
-        entropy = entropy_of_logits(processed.detach()) if return_entropy else None
-        return self.join_plan_logprobs(rollout, logprobs, entropy, return_entropy)
+    def rollout_extras(self, n: int, generator: torch.Generator | None) -> dict:
+        """Drawn after the tokens, so the tokens do not depend on it; fixes each row's diffusion noise."""
+        return {"decode_seed": draw_seeds(n, generator, self.device)}
 
     # -- decoding -----------------------------------------------------------------------------------------------
 
@@ -531,7 +450,7 @@ class Blip3oNextPolicy(ThinkThenDraw, Policy):
         """Last-layer hidden states of `<S0>` and every image token: [B, T + 1, hidden]."""
         ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attn = torch.cat([prompt_mask, prompt_mask.new_ones(completion_ids.shape)], dim=1)
-        hidden = self._backbone(ids, attn, position_ids_from_mask(attn))
+        hidden = self.hidden_states(ids, attn, position_ids_from_mask(attn))
         return hidden[:, prompt_ids.shape[1] - 1 :]
 
     def _decoder_backbone(self):

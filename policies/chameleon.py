@@ -79,19 +79,8 @@ from PIL import Image
 from torch import Tensor, nn
 from trl.trainer.utils import selective_log_softmax
 
-from policies.base import (
-    CachedDecoder,
-    CfgMode,
-    Policy,
-    Rollout,
-    SamplingSettings,
-    check_cfg_mode,
-    entropy_of_logits,
-    position_ids_from_mask,
-    process_logits,
-    sample_from_logits,
-)
-from policies.plan import ThinkThenDraw
+from policies.base import (ImageSample, Policy, Rollout, SamplingSettings, entropy_of_logits, position_ids_from_mask,
+                           process_logits, sample_from_logits)
 
 log = logging.getLogger("grpo_img")
 
@@ -250,7 +239,7 @@ def load_vqgan_decoder(decoder: VQGANDecoder, path: str) -> VQGANDecoder:
 # The policy
 
 
-class ChameleonPolicy(ThinkThenDraw, Policy):
+class ChameleonPolicy(Policy):
     name = "chameleon"
     # Language model only: the decoder layers' projections (the VQ encoder has no *_proj Linear layers, and the
     # VQGAN decoder lives outside `model`).
@@ -259,6 +248,10 @@ class ChameleonPolicy(ThinkThenDraw, Policy):
     # The output layer holds the image head (its image rows; Anole retrained exactly those). Only rows that are
     # scored receive gradients.
     modules_to_save = ["lm_head"]
+    # Anole's CFG scale 3.0 (text-to-image: the release's three-way CFG reduces to one scale, module docstring).
+    # Its top-p 0.9 is left off for RL (a truncated distribution gives -inf log-probs to codes the updated policy
+    # may want); pass top_p=0.9 for the release's sampling.
+    default_sampling = SamplingSettings(cfg_scale=3.0, temperature=1.0)
 
     def __init__(self, model, tokenizer, decoder: VQGANDecoder, mode: str = "t2i", text_tokens: int = 32,
                  decode_batch_size: int = 8):
@@ -297,7 +290,8 @@ class ChameleonPolicy(ThinkThenDraw, Policy):
         self.grid = decoder.grid
         self.image_size = decoder.config.resolution
         image_tokens = self.grid * self.grid
-        self.num_completion_tokens = image_tokens if mode == "t2i" else text_tokens + image_tokens + 2
+        # the image span of the rollout; in interleaved mode it also holds the text around the image
+        self.num_image_tokens = image_tokens if mode == "t2i" else text_tokens + image_tokens + 2
         self.last_decode_missing = 0
 
     # -- loading ------------------------------------------------------------------------------------------------
@@ -396,11 +390,13 @@ class ChameleonPolicy(ThinkThenDraw, Policy):
 
     # -- think-then-draw hooks (policies/plan.py): the plan is the model's text turn after the prompt's turn -----
 
-    def set_plan(self, plan) -> None:
-        if plan is not None and self.mode != "t2i":
-            raise ValueError("chameleon: think-then-draw (`plan: true`) needs mode='t2i'; in mode='interleaved' the "
-                             "policy already writes text before it opens the image, which is its own plan")
-        super().set_plan(plan)
+    @property
+    def plan_refusal(self) -> str | None:
+        """t2i mode only: in interleaved mode the policy already writes text before it opens the image."""
+        if self.mode == "t2i":
+            return None
+        return ("think-then-draw (`plan: true`) needs mode='t2i'; in mode='interleaved' the policy already writes "
+                "text before it opens the image, which is its own plan")
 
     @property
     def plan_tokenizer(self):
@@ -411,21 +407,21 @@ class ChameleonPolicy(ThinkThenDraw, Policy):
         end-of-turn token as an id, as `encode_prompts` does."""
         return request + EOT_TOKEN
 
-    def encode_plan_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    def encode_plan_requests(self, requests: list[str]) -> tuple[Tensor, Tensor]:
         """`[BOS] request <reserved08706>`: the t2i prompt without its BOI, so the plan is the next turn."""
-        return self._encode([self.plan.instruction.format(prompt=p) for p in prompts], [self.eot_id])
+        return self._encode(requests, [self.eot_id])
 
     def text_logits(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
         """Full-vocabulary `lm_head` logits on the decoder stack's hidden states (image rows included, unlike
         transformers' forward; the plan's banned ids are set to -inf by the plan machinery, in sampling and
         scoring alike)."""
-        return self.model.lm_head(self._hidden(ids, mask, positions, cache))
+        return self.model.lm_head(self.hidden_states(ids, mask, positions, cache))
 
     @property
     def image_prefix_ids(self) -> list[int]:
         return [self.boi_id]
 
-    def plan_banned_ids(self) -> list[int]:
+    def plan_banned_ids(self, end_marker_id: int) -> list[int]:
         """The image codes, EOI and pad (as for interleaved text steps), BOS (the unconditional CFG row keeps every
         BOS, so a written one would leak into it) and the processor's `<image>` placeholder. BOI is allowed: it ends
         the plan."""
@@ -458,57 +454,46 @@ class ChameleonPolicy(ThinkThenDraw, Policy):
         fits = (self.num_image_tokens - t) >= self.grid * self.grid + 2
         return ~opened_before & fits
 
-    def _hidden(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
-        out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
+        out = self.model.model(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
                                use_cache=cache is not None)
         return out.last_hidden_state
 
-    # -- sampling -----------------------------------------------------------------------------------------------
+    def image_token_ids(self, index: Tensor) -> Tensor:
+        return self._image_ids.to(index.device)[index]
 
-    @torch.no_grad()
-    def sample(
-        self,
-        prompts: list[str],
-        group_size: int,
-        *,
-        cfg_scale: float = 3.0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-    ) -> Rollout:
-        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
-        contexts = self.image_contexts(prompts, group_size, generator)  # with a plan: prompt + plan + BOI
-        tokens, logprobs, completion_mask = self._sample_completion(contexts.ids, contexts.mask, contexts.repeats,
-                                                                    settings, generator)
-        return self.make_rollout(prompts, group_size, contexts.prompt_ids, contexts.prompt_mask, tokens,
-                                 completion_mask.bool() & (tokens != self.eoi_id), logprobs, settings, contexts.plan,
-                                 extras={"completion_mask": completion_mask})
+    def image_choice_index(self, token_ids: Tensor) -> Tensor:
+        return torch.searchsorted(self._image_ids.to(token_ids.device), token_ids)
 
-    def _sample_completion(self, ids: Tensor, mask: Tensor, repeats: int, settings: SamplingSettings,
-                           generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Tokens, log-probs and completion mask [N, num_image_tokens] after each context row, `repeats` samples
-        per row (KV-cached, CFG on image steps)."""
-        from transformers import DynamicCache
+    def guidance_rows(self, ids: Tensor, mask: Tensor, guided: bool) -> tuple[Tensor, Tensor]:
+        """The unconditional rows are the same sequence with the text masked out (`unconditional_mask`)."""
+        if not guided:
+            return ids, mask
+        return torch.cat([ids, ids]), torch.cat([mask, self.unconditional_mask(ids, mask)])
 
+    # -- interleaved mode: text, a chosen BOI, the image, text ------------------------------------------------
+    # t2i mode runs on the engine (policies/base.py) unchanged. Interleaved mode has a per-row state (text, inside
+    # the image, forced EOI, finished) that the engine's fixed layout cannot express, so it has its own loop on the
+    # engine's pieces (the same streams, CachedDecoder, process_logits and image head).
+
+    def sample_image(self, ids: Tensor, mask: Tensor, repeats: int, settings: SamplingSettings,
+                     generator: torch.Generator | None) -> ImageSample:
+        if self.mode == "t2i":
+            return super().sample_image(ids, mask, repeats, settings, generator)
         text_settings = SamplingSettings(1.0, settings.temperature, settings.top_k, settings.top_p)
         n, steps, device = ids.shape[0] * repeats, self.num_image_tokens, self.device
         image_len = self.grid * self.grid
         cfg = settings.uses_cfg
-        rows_ids = torch.cat([ids, ids]) if cfg else ids
-        rows_mask = torch.cat([mask, self.unconditional_mask(ids, mask)]) if cfg else mask
-
         # Prefill each context once (conditional and unconditional rows), then share the cache across its repeats.
-        decoder = CachedDecoder(lambda *args: self._hidden(*args)[:, -1], rows_ids, rows_mask, repeats,
-                                DynamicCache(config=self.model.config))
+        (stream,) = self.image_streams(ids, mask, repeats, cfg)
+        decoder = self.start_decoder(stream, steps - 1)
 
         tokens = torch.full((n, steps), self.pad_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(n, steps, dtype=torch.float32, device=device)
         completion_mask = torch.zeros(n, steps, dtype=torch.long, device=device)
-        t2i = self.mode == "t2i"
-        in_image = torch.full((n,), t2i, dtype=torch.bool, device=device)  # inside an image span
+        in_image = torch.zeros(n, dtype=torch.bool, device=device)  # inside an image span
         image_count = torch.zeros(n, dtype=torch.long, device=device)
-        opened = torch.full((n,), t2i, dtype=torch.bool, device=device)
+        opened = torch.zeros(n, dtype=torch.bool, device=device)
         done = torch.zeros(n, dtype=torch.bool, device=device)
         for t in range(steps):
             hidden = decoder.last
@@ -522,7 +507,7 @@ class ChameleonPolicy(ThinkThenDraw, Policy):
                 uncond = self.image_logits(hidden[n:][image_rows]) if cfg else None
                 code, lp = sample_from_logits(process_logits(self.image_logits(cond[image_rows]), uncond, settings),
                                               generator)
-                step_tokens[image_rows], step_lp[image_rows] = self._image_ids.to(device)[code], lp
+                step_tokens[image_rows], step_lp[image_rows] = self.image_token_ids(code), lp
             if text_rows.any():
                 allowed = self._boi_allowed(t, opened[text_rows])
                 logits = process_logits(self._text_step_logits(cond[text_rows], allowed), None, text_settings)
@@ -544,23 +529,22 @@ class ChameleonPolicy(ThinkThenDraw, Policy):
                 feed = torch.cat([feed, feed])
                 new_mask = torch.cat([new_mask, self.unconditional_mask(step_tokens[:, None], new_mask)])
             decoder.step(feed, new_mask[:, 0])
+        free = completion_mask.bool() & (tokens != self.eoi_id)
+        return ImageSample(tokens, free, logprobs, {"completion_mask": completion_mask})
 
-        return tokens, logprobs, completion_mask
-
-    # -- scoring ------------------------------------------------------------------------------------------------
-
-    def token_logprobs(self, rollout: Rollout, cfg_mode: CfgMode = "mixture", return_entropy: bool = False):
-        check_cfg_mode(cfg_mode)
+    def score_image(self, rollout: Rollout, context_ids: Tensor, context_mask: Tensor, guided: bool,
+                    return_entropy: bool) -> tuple[Tensor, Tensor | None]:
+        if self.mode == "t2i":
+            return super().score_image(rollout, context_ids, context_mask, guided, return_entropy)
         settings = rollout.sampling
         text_settings = SamplingSettings(1.0, settings.temperature, settings.top_k, settings.top_p)
-        context_ids, context_mask = self.image_context(rollout)  # the prompt, or prompt + plan + BOI
         completion = rollout.image_ids
         n, steps = completion.shape
-        completion_mask = rollout.extras.get("completion_mask", torch.ones_like(completion))
+        completion_mask = rollout.extras["completion_mask"]
         seq = torch.cat([context_ids, completion[:, :-1]], dim=1)
         cond_mask = torch.cat([context_mask, completion_mask[:, :-1].long()], dim=1)
         start = context_ids.shape[1] - 1  # hidden state at start + t predicts completion token t
-        hidden = self._hidden(seq, cond_mask, position_ids_from_mask(cond_mask))[:, start:]
+        hidden = self.hidden_states(seq, cond_mask, position_ids_from_mask(cond_mask))[:, start:]
 
         is_image = self._is_image.to(completion.device)[completion] & completion_mask.bool()
         is_text = rollout.action_mask[:, rollout.num_plan_tokens:] & ~is_image
@@ -568,21 +552,18 @@ class ChameleonPolicy(ThinkThenDraw, Policy):
         entropy = torch.zeros_like(logprobs)
         if is_image.any():
             uncond = None
-            if cfg_mode == "mixture" and settings.uses_cfg:
+            if guided:
                 uncond_mask = self.unconditional_mask(seq, cond_mask)
-                hidden_u = self._hidden(seq, uncond_mask, position_ids_from_mask(uncond_mask))[:, start:]
+                hidden_u = self.hidden_states(seq, uncond_mask, position_ids_from_mask(uncond_mask))[:, start:]
                 uncond = self.image_logits(hidden_u[is_image])
             processed = process_logits(self.image_logits(hidden[is_image]), uncond, settings)
-            codes = torch.searchsorted(self._image_ids.to(completion.device), completion[is_image])
             logprobs = logprobs.index_put((is_image.nonzero(as_tuple=True)),
-                                          selective_log_softmax(processed, codes))
+                                          selective_log_softmax(processed, self.image_choice_index(completion[is_image])))
             if return_entropy:
                 entropy[is_image] = entropy_of_logits(processed.detach())
         if is_text.any():
             is_boi = (completion == self.boi_id).long()
             opened_before = (torch.cumsum(is_boi, 1) - is_boi) > 0  # a BOI strictly before this step
-            if self.mode == "t2i":
-                opened_before = torch.ones_like(opened_before)
             step = torch.arange(steps, device=completion.device).expand(n, steps)
             allowed = self._boi_allowed(step[is_text], opened_before[is_text])
             processed = process_logits(self._text_step_logits(hidden[is_text], allowed), None, text_settings)
@@ -590,7 +571,7 @@ class ChameleonPolicy(ThinkThenDraw, Policy):
                                           selective_log_softmax(processed, completion[is_text]))
             if return_entropy:
                 entropy[is_text] = entropy_of_logits(processed.detach())
-        return self.join_plan_logprobs(rollout, logprobs, entropy if return_entropy else None, return_entropy)
+        return logprobs, entropy if return_entropy else None
 
     # -- pixels -------------------------------------------------------------------------------------------------
 

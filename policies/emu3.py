@@ -66,21 +66,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
-from policies.base import (
-    CachedDecoder,
-    CfgMode,
-    Policy,
-    Rollout,
-    SamplingSettings,
-    check_cfg_mode,
-    entropy_of_logits,
-    position_ids_from_mask,
-    process_logits,
-    sample_from_logits,
-)
-from policies.plan import ThinkThenDraw
+from policies.base import Policy, Rollout, SamplingSettings, Stream
 
 RELEASE_NEGATIVE_PROMPT = (
     "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst quality, "
@@ -111,11 +98,14 @@ def _saved_settings(model_name_or_path: str | None) -> dict:
     return saved
 
 
-class Emu3Policy(ThinkThenDraw, Policy):
+class Emu3Policy(Policy):
     name = "emu3"
     # Only the text model has *_proj layers that take part in generation; the regex keeps the VQ model out.
     lora_target_modules = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     modules_to_save: list[str] = []  # see the module docstring
+    # The release's CFG scale 3.0; its top-k 2048 is left off (module docstring: a truncated distribution gives
+    # -inf log-probs to codes the updated policy may want), so RL samples the full guided distribution.
+    default_sampling = SamplingSettings(cfg_scale=3.0, temperature=1.0)
 
     def __init__(
         self,
@@ -186,7 +176,7 @@ class Emu3Policy(ThinkThenDraw, Policy):
         row = [-1] * self.width + [self.eol_id]
         layout = torch.tensor(row * self.height + [self.eof_id, self.eoi_id, self.eos_id], dtype=torch.long)
         self.forced_tokens = layout
-        self.free_positions = (layout < 0).nonzero().squeeze(-1)
+        self.free_positions = (layout < 0).nonzero().squeeze(-1)  # where the policy chooses a code
         self.num_image_tokens = layout.numel()
 
     # -- loading ------------------------------------------------------------------------------------------------
@@ -290,96 +280,69 @@ class Emu3Policy(ThinkThenDraw, Policy):
 
     def text_logits(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
         """Full-vocabulary logits (text steps need them; a plan is short), unlike the restricted image head."""
-        return self.model.lm_head(self._text_model(ids, mask, positions, cache))
+        return self.model.lm_head(self.hidden_states(ids, mask, positions, cache))
 
     @property
     def image_prefix_ids(self) -> list[int]:
         """`<|image start|>{H}*{W}<|image token|>`, the header the processor appends to a generation prompt."""
         return self._image_header_ids
 
-    def plan_banned_ids(self) -> list[int]:
+    def plan_banned_ids(self, end_marker_id: int) -> list[int]:
         """Visual tokens, image markup but `<|image start|>`, the reserved `<|extra_N|>` tokens (EOL and EOF among
         them), BOS and pad; never the plan's end marker."""
-        end = self.end_marker_id() if self.plan is not None else None
-        if end not in self._plan_banned:
-            return self._plan_banned
-        return [i for i in self._plan_banned if i != end]
+        return [i for i in self._plan_banned if i != end_marker_id]
 
-    # -- the AR model -------------------------------------------------------------------------------------------
+    # -- the engine's hooks (policies/base.py) ------------------------------------------------------------------
 
-    def _text_model(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
+    @property
+    def cache_config(self):
+        return self.model.config.text_config
+
+    def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
         return self.model.model.text_model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
             use_cache=cache is not None,
         ).last_hidden_state
 
-    def image_logits(self, hidden: Tensor) -> Tensor:
+    def visual_logits(self, hidden: Tensor) -> Tensor:
         """Logits over the codebook [..., K]: only the visual-token rows of lm_head (column k = code k)."""
         weight = self.model.lm_head.weight[self.visual_start : self.visual_start + self.num_codes]
         return F.linear(hidden, weight)
 
-    def _guided_logits(self, cond_hidden: Tensor, neg_hidden: Tensor | None, settings: SamplingSettings) -> Tensor:
-        """The sampled distribution at image positions, from final hidden states: release CFG on log-softmaxes."""
-        cond = torch.log_softmax(self.image_logits(cond_hidden).float(), dim=-1)
-        neg = torch.log_softmax(self.image_logits(neg_hidden).float(), dim=-1) if neg_hidden is not None else None
-        return process_logits(cond, neg, settings)
+    def image_logits(self, hidden: Tensor) -> Tensor:
+        """The release's CFG mixes log-softmaxes, so the image head normalises its logits; `process_logits` then
+        applies u + s (c - u) to them (module docstring)."""
+        return torch.log_softmax(self.visual_logits(hidden).float(), dim=-1)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        prompts: list[str],
-        group_size: int,
-        *,
-        cfg_scale: float = 3.0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-    ) -> Rollout:
-        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
-        # with a plan: plan prompt + plan + image header; the negative prompt is the same with or without a plan
-        contexts = self.image_contexts(prompts, group_size, generator)
+    def image_token_ids(self, index: Tensor) -> Tensor:
+        return index + self.visual_start
+
+    def image_choice_index(self, token_ids: Tensor) -> Tensor:
+        return token_ids - self.visual_start
+
+    @property
+    def forced_image_tokens(self) -> Tensor:
+        return self.forced_tokens
+
+    def image_streams(self, ids: Tensor, mask: Tensor, repeats: int, guided: bool) -> list[Stream]:
+        """Unbatched CFG as released: the negative prompt is its own stream, prefilled once for every sample."""
+        streams = [Stream(ids, mask, repeats)]
+        if guided:
+            streams.append(Stream(*self.encode_negative_prompt(), len(ids) * repeats))
+        return streams
+
+    def scoring_streams(self, rollout: Rollout, ids: Tensor, mask: Tensor, guided: bool) -> list[Stream]:
+        """Scoring uses exactly the negative rows the samples were drawn with (kept in the rollout)."""
+        streams = [Stream(ids, mask, 1)]
+        if guided:
+            streams.append(Stream(rollout.extras["negative_ids"], rollout.extras["negative_mask"], 1))
+        return streams
+
+    def rollout_extras(self, n: int, generator: torch.Generator | None) -> dict:
         neg_ids, neg_mask = self.encode_negative_prompt()
-        tokens, logprobs = self._sample_image(contexts.ids, contexts.mask, contexts.repeats, neg_ids, neg_mask,
-                                              settings, generator)
-        n = len(contexts.prompt_ids)
-        free = (self.forced_tokens.to(self.device) < 0).repeat(n, 1)
-        extras = {"negative_ids": neg_ids.expand(n, -1).clone(), "negative_mask": neg_mask.expand(n, -1).clone()}
-        return self.make_rollout(prompts, group_size, contexts.prompt_ids, contexts.prompt_mask, tokens, free,
-                                 logprobs, settings, contexts.plan, extras)
+        return {"negative_ids": neg_ids.expand(n, -1).clone(), "negative_mask": neg_mask.expand(n, -1).clone()}
 
-    def _sample_image(self, ids: Tensor, mask: Tensor, repeats: int, neg_ids: Tensor, neg_mask: Tensor,
-                      settings: SamplingSettings, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """The image span after each context row, `repeats` samples per row (KV-cached, unbatched CFG with the
-        one-row negative prompt): tokens and log-probs [N, num_image_tokens]."""
-        from transformers import DynamicCache
-
-        n = ids.shape[0] * repeats
-        # Prefill each context once (and the negative prompt once), then share the caches across the rows.
-        rows = [(ids, mask, repeats)]
-        if settings.uses_cfg:
-            rows.append((neg_ids, neg_mask, n))
-        decoders = [CachedDecoder(lambda *args: self._text_model(*args)[:, -1], row_ids, row_mask, repeat,
-                                  DynamicCache(config=self.model.config.text_config))
-                    for row_ids, row_mask, repeat in rows]
-
-        forced = self.forced_tokens.to(self.device)
-        last_free = int(self.free_positions[-1])
-        tokens = forced.repeat(n, 1)
-        logprobs = torch.zeros(n, self.num_image_tokens, dtype=torch.float32, device=self.device)
-        for t in range(last_free + 1):
-            if forced[t] < 0:  # a free choice among the codes
-                logits = self._guided_logits(decoders[0].last, decoders[1].last if settings.uses_cfg else None,
-                                             settings)
-                codes, logprobs[:, t] = sample_from_logits(logits, generator)
-                tokens[:, t] = codes + self.visual_start
-            if t == last_free:
-                break  # the rest is forced and predicts nothing we need
-            for decoder in decoders:
-                decoder.step(tokens[:, t : t + 1])
-        return tokens, logprobs
-
-    def _check_layout(self, image_ids: Tensor) -> None:
+    def check_image_tokens(self, image_ids: Tensor) -> None:
         forced = self.forced_tokens.to(image_ids.device)
         if image_ids.shape[1] != forced.numel():
             raise ValueError(f"image span has {image_ids.shape[1]} tokens, this policy's layout "
@@ -389,58 +352,9 @@ class Emu3Policy(ThinkThenDraw, Policy):
         if not (image_ids[:, ~free] == forced[~free]).all() or ((codes < 0) | (codes >= self.num_codes)).any():
             raise ValueError("completion does not follow the Emu3 layout (visual tokens, EOL per row, EOF EOI EOS)")
 
-    def _free_hidden(self, prefix_ids: Tensor, prefix_mask: Tensor, image_ids: Tensor) -> Tensor:
-        """Teacher forcing: final hidden states [N, F, D] that predict the free (visual) positions."""
-        last_free = int(self.free_positions[-1])
-        previous = image_ids[:, :last_free]
-        ids = torch.cat([prefix_ids, previous], dim=1)
-        mask = torch.cat([prefix_mask, prefix_mask.new_ones(previous.shape)], dim=1)
-        hidden = self._text_model(ids, mask, position_ids_from_mask(mask))
-        # the hidden state at position P-1+t predicts image token t
-        return hidden[:, prefix_ids.shape[1] - 1 + self.free_positions.to(hidden.device)]
-
-    def token_logprobs(self, rollout: Rollout, cfg_mode: CfgMode = "mixture", return_entropy: bool = False):
-        check_cfg_mode(cfg_mode)
-        settings = rollout.sampling
-        image_ids = rollout.image_ids
-        self._check_layout(image_ids)
-        with_neg = cfg_mode == "mixture" and settings.uses_cfg
-        # the image's context exactly as sampled: the prompt, or plan prompt + plan (holes masked) + image header
-        cond_hidden = self._free_hidden(*self.image_context(rollout), image_ids)
-        neg_hidden = None
-        if with_neg:
-            neg_hidden = self._free_hidden(rollout.extras["negative_ids"], rollout.extras["negative_mask"], image_ids)
-        codes = image_ids[:, self.free_positions.to(cond_hidden.device)] - self.visual_start
-
-        def head(cond_chunk: Tensor, neg_chunk: Tensor | None, code_chunk: Tensor) -> tuple[Tensor, Tensor]:
-            logits = self._guided_logits(cond_chunk, neg_chunk, settings)
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, code_chunk[..., None]).squeeze(-1)
-            return logp, entropy_of_logits(logits.detach())
-
-        parts, entropies = [], []
-        for start in range(0, codes.shape[1], self.score_chunk_size):
-            chunk = slice(start, start + self.score_chunk_size)
-            args = (cond_hidden[:, chunk], neg_hidden[:, chunk] if with_neg else None, codes[:, chunk])
-            if torch.is_grad_enabled():  # keep only hidden states for backward; logits are recomputed per chunk
-                logp, entropy = checkpoint(head, *args, use_reentrant=False)
-            else:
-                logp, entropy = head(*args)
-            parts.append(logp)
-            entropies.append(entropy)
-
-        n, t = image_ids.shape
-        free = self.free_positions.to(cond_hidden.device)
-        logprobs = torch.zeros(n, t, dtype=torch.float32, device=cond_hidden.device).index_copy(1, free,
-                                                                                                torch.cat(parts, 1))
-        entropy = None
-        if return_entropy:
-            entropy = torch.zeros(n, t, dtype=torch.float32, device=cond_hidden.device)
-            entropy = entropy.index_copy(1, free, torch.cat(entropies, 1).detach())
-        return self.join_plan_logprobs(rollout, logprobs, entropy, return_entropy)
-
     @torch.no_grad()
     def decode(self, rollout: Rollout) -> list[Image.Image]:
-        self._check_layout(rollout.image_ids)
+        self.check_image_tokens(rollout.image_ids)
         images = []
         for chunk in rollout.image_ids.split(self.decode_batch_size):
             pixels = self.model.decode_image_tokens(image_tokens=chunk, height=self.height, width=self.width)

@@ -59,8 +59,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from policies.base import CfgMode, Policy, Rollout, SamplingSettings, check_cfg_mode, position_ids_from_mask
-from policies.plan import ThinkThenDraw
+from policies.base import ImageSample, Policy, Rollout, SamplingSettings, draw_seeds, position_ids_from_mask
 
 log = logging.getLogger(__name__)
 
@@ -220,12 +219,13 @@ def forced_logprobs(logits: Tensor, forced: Tensor) -> Tensor:
 # The policy
 
 
-class SeedXPolicy(ThinkThenDraw, Policy):
+class SeedXPolicy(Policy):
     name = "seed_x"
     lora_target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     modules_to_save: list[str] = []  # the resamplers are regression heads, not part of the token policy
     free_image_tokens = False
-    token_cfg = False
+    token_cfg = False  # its guidance is `guidance_scale`, in the diffusion de-tokenizer
+    default_sampling = SamplingSettings()  # the image tokens are forced: nothing to set
 
     def __init__(self, llm, tokenizer, output_resampler: OutputResampler, resampler: ResamplerXLV2, unet, vae,
                  scheduler, negative_vit_embeds: Tensor, config: SeedXConfig, decode_batch_size: int = 4):
@@ -246,7 +246,6 @@ class SeedXPolicy(ThinkThenDraw, Policy):
         self.num_image_tokens = len(self.forced_ids)
         self.image_size = config.image_size
         self._banned = sorted(i for t, i in tokenizer.get_vocab().items() if t.startswith(NON_TEXT_PREFIXES))
-        self._warned_cfg = False
         self._negative = None  # (prompt_embeds [64, 2048], pooled [1280]) of the zero image, see _negative_branch
         for module in self._modules():
             module.requires_grad_(False)
@@ -341,11 +340,19 @@ class SeedXPolicy(ThinkThenDraw, Policy):
         return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                           use_cache=cache is not None).logits
 
+    def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
+        """Final-layer hidden states (after the final norm, as the release's hidden_states[-1])."""
+        return self.model.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
+                                past_key_values=cache, use_cache=cache is not None).last_hidden_state
+
+    def image_logits(self, hidden: Tensor) -> Tensor:
+        return self.model.lm_head(hidden)
+
     @property
     def image_prefix_ids(self) -> list[int]:
         return [self.boi_id]
 
-    def plan_banned_ids(self) -> list[int]:
+    def plan_banned_ids(self, end_marker_id: int) -> list[int]:
         return self._banned
 
     def validate_for_training(self, train_image_tokens: bool = True) -> None:
@@ -370,50 +377,31 @@ class SeedXPolicy(ThinkThenDraw, Policy):
         forced = self.forced_ids.to(context_ids.device)
         ids = torch.cat([context_ids, forced[:-1].expand(len(context_ids), -1)], dim=1)
         mask = torch.cat([context_mask, context_mask.new_ones(len(context_ids), len(forced) - 1)], dim=1)
-        out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
-        hidden = out.last_hidden_state  # after the final norm, as the release's hidden_states[-1]
+        hidden = self.hidden_states(ids, mask, position_ids_from_mask(mask))
         start = context_ids.shape[1] - 1  # the hidden state at <img> predicts <img_00000>
-        logits = self.model.lm_head(hidden[:, start:])
+        logits = self.image_logits(hidden[:, start:])
         return hidden[:, -NUM_IMAGE_TOKENS:].float(), forced_logprobs(logits, forced)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        prompts: list[str],
-        group_size: int,
-        *,
-        cfg_scale: float = 1.0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-    ) -> Rollout:
-        """The image tokens are forced, so `cfg_scale`/`temperature`/`top_k`/`top_p` shape nothing here (SEED-X's
-        guidance is `guidance_scale`, in the diffusion de-tokenizer); the plan has its own settings."""
-        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p)
-        if settings.uses_cfg and not self._warned_cfg:
-            log.warning("seed_x: cfg_scale=%s has no effect (no token-level guidance; the de-tokenizer guides with "
-                        "guidance_scale=%s)", cfg_scale, self.config.guidance_scale)
-            self._warned_cfg = True
-        contexts = self.image_contexts(prompts, group_size, generator)
-        hidden, logprobs = self._forced_forward(contexts.ids, contexts.mask)  # without a plan: once per prompt
-        hidden = hidden.repeat_interleave(contexts.repeats, 0)
-        logprobs = logprobs.repeat_interleave(contexts.repeats, 0)
-        ids, mask, plan = contexts.prompt_ids, contexts.prompt_mask, contexts.plan
-        n = len(ids)
+    def sample_image(self, ids: Tensor, mask: Tensor, repeats: int, settings: SamplingSettings,
+                     generator: torch.Generator | None) -> ImageSample:
+        """No decode loop: the image tokens are forced, so one forward per context gives their hidden states
+        (without a plan: once per prompt), and `settings` shape nothing here (the plan has its own)."""
+        hidden, logprobs = self._forced_forward(ids, mask)
+        n = len(ids) * repeats
         tokens = self.forced_ids.to(self.device).expand(n, -1).clone()
-        # the diffusion noise of each sample, drawn here so that a rollout decodes reproducibly
-        noise_seed = torch.randint(0, 2**62, (n,), generator=generator, device=generator.device if generator
-                                   else "cpu").to(self.device)
-        return self.make_rollout(prompts, group_size, ids, mask, tokens, torch.zeros_like(tokens, dtype=torch.bool),
-                                 logprobs, settings, plan, extras={"image_hidden": hidden, "noise_seed": noise_seed})
+        return ImageSample(tokens, torch.zeros_like(tokens, dtype=torch.bool),
+                           logprobs.repeat_interleave(repeats, 0),
+                           {"image_hidden": hidden.repeat_interleave(repeats, 0)})
 
-    def token_logprobs(self, rollout: Rollout, cfg_mode: CfgMode = "mixture", return_entropy: bool = False):
-        """Plan span: teacher-forced log-probs (policies/plan.py). Image span: exactly 0 (probability 1 under the
-        hard mask, no gradient, zero entropy), so no forward is spent on it."""
-        check_cfg_mode(cfg_mode)
+    def rollout_extras(self, n: int, generator: torch.Generator | None) -> dict:
+        """The diffusion noise of each sample, drawn here so that a rollout decodes reproducibly."""
+        return {"noise_seed": draw_seeds(n, generator, self.device)}
+
+    def score_image(self, rollout: Rollout, context_ids: Tensor, context_mask: Tensor, guided: bool,
+                    return_entropy: bool) -> tuple[Tensor, Tensor | None]:
+        """Exactly 0 (probability 1 under the hard mask, no gradient, zero entropy): no forward is spent on it."""
         zeros = torch.zeros(rollout.image_ids.shape, dtype=torch.float32, device=rollout.completion_ids.device)
-        return self.join_plan_logprobs(rollout, zeros, zeros.clone() if return_entropy else None, return_entropy)
+        return zeros, zeros.clone() if return_entropy else None
 
     # -- decoding -----------------------------------------------------------------------------------------------
 

@@ -49,10 +49,13 @@ def test_decoding_is_reproducible_and_seeded_per_row(tiny):
     rollout = sample(tiny)
     first, again = tiny.decode(rollout), tiny.decode(rollout)
     assert [im.tobytes() for im in first] == [im.tobytes() for im in again]
-    # micro-batching does not change a row's image
+    # micro-batching does not change a row's image beyond float rounding: the CPU kernels of a batch of 1 and of 4
+    # round differently (seen with torch 2.14: one uint8 level on ~0.03% of the values of one image)
     tiny.decode_batch_size, batch_size = 1, tiny.decode_batch_size
     try:
-        assert [im.tobytes() for im in tiny.decode(rollout)] == [im.tobytes() for im in first]
+        for alone, batched in zip(tiny.decode(rollout), first):
+            difference = np.abs(np.asarray(alone, dtype=np.int16) - np.asarray(batched, dtype=np.int16))
+            assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
     finally:
         tiny.decode_batch_size = batch_size
     reseeded = rollout.select(torch.arange(len(rollout)))
@@ -71,7 +74,7 @@ def test_restricted_head_is_the_image_rows_of_lm_head(tiny):
     hidden = torch.randn(3, tiny.model.config.hidden_size)
     with torch.no_grad():
         full = tiny.model.lm_head(hidden)
-        restricted = tiny._image_logits(hidden)
+        restricted = tiny.image_logits(hidden)
     assert restricted.shape == (3, tiny.codebook_size)
     assert torch.allclose(restricted, full[:, tiny.image_start : tiny.image_start + tiny.codebook_size], atol=1e-6)
 
@@ -216,14 +219,14 @@ def planner(tiny):
 def test_plan_is_text_before_im_start_and_never_image_tokens(planner):
     tok = planner.tokenizer
     # Qwen's end of turn, not the tokenizer's EOS (</s> in the tiny one, which a plan may then not write)
-    assert planner.end_marker_id() == tok.convert_tokens_to_ids("<|im_end|>") != tok.eos_token_id
+    assert planner.planner.end_marker_id() == tok.convert_tokens_to_ids("<|im_end|>") != tok.eos_token_id
     assert planner.image_prefix_ids == [tok.convert_tokens_to_ids("<im_start>"), tok.convert_tokens_to_ids("<S0>")]
     # the plan prompt is the released prompt without <im_start><S0>
-    ids, mask = planner.encode_plan_prompts(PROMPTS)
+    ids, mask = planner.planner.encode_plan_prompts(PROMPTS)
     released_ids, released_mask = planner.encode_prompts(PROMPTS)
     assert torch.equal(ids, released_ids[:, :-2]) and torch.equal(mask, released_mask[:, :-2])
     rollout = sample(planner, group_size=8, seed=3)
-    written = planner.plan_written(rollout.plan_ids)
+    written = planner.planner.plan_written(rollout.plan_ids)
     image_only = [f"<I{k}>" for k in range(planner.codebook_size)] + ["<S0>", "<S1>", "<S2>", "<im_end>",
                                                                        tok.eos_token, tok.pad_token]
     banned = torch.tensor(tok.convert_tokens_to_ids(image_only))

@@ -176,7 +176,7 @@ def interleaved():
     policy = policies.build("chameleon", tiny=True, mode="interleaved", text_tokens=6, seed=1)
     ids, mask = policy.encode_prompts(PROMPTS)
     with torch.no_grad():
-        hidden = policy._hidden(ids, mask, position_ids_from_mask(mask))[mask.bool()]
+        hidden = policy.hidden_states(ids, mask, position_ids_from_mask(mask))[mask.bool()]
         direction = hidden.mean(0)
         policy.model.lm_head.weight[policy.boi_id] = 5.0 * direction / direction.norm() ** 2  # BOI logit about 5
     return policy
@@ -300,20 +300,20 @@ def planner():
 
     policy = policies.build("chameleon", tiny=True, seed=2)
     policy.set_plan(PlanSettings(max_tokens=6))
-    ids, mask = policy.encode_plan_prompts(PROMPTS)
+    ids, mask = policy.planner.encode_plan_prompts(PROMPTS)
     with torch.no_grad():
-        hidden = policy._hidden(ids, mask, position_ids_from_mask(mask))[mask.bool()]
+        hidden = policy.hidden_states(ids, mask, position_ids_from_mask(mask))[mask.bool()]
         direction = hidden.mean(0) / hidden.mean(0).norm() ** 2
         weight = policy.model.lm_head.weight
-        weight[policy.plan_banned_ids()] = 10.0 * direction
+        weight[policy.plan_banned_ids(policy.planner.end_marker_id())] = 10.0 * direction
         weight[[policy.boi_id, policy.eos_id]] = 3.0 * direction
     return policy
 
 
 def test_a_plan_never_writes_image_tokens_and_stops_at_boi_or_eos(planner):
     rollout = planner.sample(PROMPTS, 8, cfg_scale=3.0, generator=torch.Generator().manual_seed(0))
-    span, written = rollout.plan_ids, planner.plan_written(rollout.plan_ids)
-    banned = torch.tensor(planner.plan_banned_ids())
+    span, written = rollout.plan_ids, planner.planner.plan_written(rollout.plan_ids)
+    banned = torch.tensor(planner.plan_banned_ids(planner.planner.end_marker_id()))
     assert len(banned) >= planner.decoder.config.num_embeddings + 4  # the codes, EOI, pad, BOS, <image>
     assert {planner.eoi_id, planner.bos_id, planner.tokenizer.convert_tokens_to_ids("<image>")} <= set(banned.tolist())
     assert not torch.isin(span[written], banned).any()
@@ -321,7 +321,7 @@ def test_a_plan_never_writes_image_tokens_and_stops_at_boi_or_eos(planner):
     ends = [int((last == token).sum()) for token in (planner.boi_id, planner.eos_id)]
     assert min(ends) > 0 and sum(ends) < len(span), f"need plans ending at BOI, at EOS and at max_tokens: {ends}"
     # the image follows exactly one attended BOI, after the plan's text; the unconditional row sees no text at all
-    ids, mask = planner.plan_context(rollout.prompt_ids, rollout.prompt_mask, span)
+    ids, mask = planner.planner.plan_context(rollout.prompt_ids, rollout.prompt_mask, span)
     assert (((ids == planner.boi_id) & mask.bool()).sum(1) == 1).all()
     uncond = planner.unconditional_mask(ids, mask).bool()
     assert (uncond.sum(1) == 2).all() and (ids[uncond] != planner.bos_id).sum() == len(span)

@@ -65,8 +65,10 @@ def test_restricted_head_equals_the_full_lm_head_columns_and_the_release_cfg(emu
     with torch.no_grad():
         full_c = full_vocab_logits(emu3, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids)[:, free]
         full_u = full_vocab_logits(emu3, *negative, rollout.completion_ids)[:, free]
-        restricted = emu3.image_logits(emu3._free_hidden(rollout.prompt_ids, rollout.prompt_mask,
-                                                          rollout.completion_ids))
+        ids = torch.cat([rollout.prompt_ids, rollout.completion_ids[:, :-1]], dim=1)
+        mask = torch.cat([rollout.prompt_mask, torch.ones_like(rollout.completion_ids[:, :-1])], dim=1)
+        hidden = emu3.hidden_states(ids, mask, position_ids_from_mask(mask))
+        restricted = emu3.visual_logits(hidden[:, rollout.prompt_ids.shape[1] - 1 + free])
         assert full_c.shape[-1] > restricted.shape[-1] == emu3.num_codes
         torch.testing.assert_close(restricted, full_c[..., columns], atol=1e-5, rtol=1e-5)
         # the release's CFG: s (logsm c - logsm u) + logsm u over the visual tokens (the prefix constraint's set)
@@ -177,24 +179,24 @@ def planner():
 
 
 def test_plans_never_write_image_tokens_and_the_image_keeps_the_forced_layout(planner):
-    banned = set(planner.plan_banned_ids())
+    banned = set(planner.plan_banned_ids(planner.planner.end_marker_id()))
     tok = planner.processor.tokenizer
     structural = {planner.eol_id, planner.eof_id, planner.eoi_id, tok.bos_token_id, tok.pad_token_id,
                   tok.convert_tokens_to_ids("<|image token|>"), tok.convert_tokens_to_ids("<image>")}
     visual = set(planner.model.vocabulary_mapping.image_tokens)
     assert visual | structural <= banned
-    assert planner.end_marker_id() not in banned and planner.image_prefix_ids[0] not in banned
+    assert planner.planner.end_marker_id() not in banned and planner.image_prefix_ids[0] not in banned
     assert len(banned) > len(tok) / 2  # most of the tiny vocabulary: an unbanned head would write them all the time
 
     plan_width = planner.plan.max_tokens
     rollout = sample(planner, group_size=8, seed=1)  # 16 plans at temperature 1.5
-    written = planner.plan_written(rollout.plan_ids)
+    written = planner.planner.plan_written(rollout.plan_ids)
     assert written.sum() >= 40
     assert not any(t in banned for t in rollout.plan_ids[written].tolist())
     # the image span is exactly the no-plan layout, forced tokens out of the action mask and at log-prob 0
     image = rollout.image_ids
     assert image.shape[1] == planner.num_image_tokens and rollout.num_plan_tokens == plan_width
-    planner._check_layout(image)
+    planner.check_image_tokens(image)
     free = (planner.forced_tokens < 0).expand_as(image)
     assert torch.equal(rollout.action_mask[:, plan_width:], free)
     assert (rollout.logprobs[:, plan_width:][~free] == 0).all() and (rollout.logprobs[:, plan_width:][free] < 0).all()
@@ -203,7 +205,7 @@ def test_plans_never_write_image_tokens_and_the_image_keeps_the_forced_layout(pl
 
 def test_an_empty_plan_gives_the_release_prompt(planner):
     """A plan that writes <|image start|> at once leaves the image exactly where the release prompt puts it."""
-    prompt_ids, prompt_mask = planner.encode_plan_prompts(PROMPTS)
+    prompt_ids, prompt_mask = planner.planner.encode_plan_prompts(PROMPTS)
     release_ids, release_mask = planner.encode_prompts(PROMPTS)
     header = planner.image_prefix_ids
     assert release_ids[:, -len(header):].tolist() == [header] * len(PROMPTS)
@@ -233,8 +235,8 @@ def test_image_after_a_plan_matches_the_unpadded_sequence_and_the_release_cfg(pl
     rollout = sample(planner, cfg_scale=3.0, seed=5)  # plans that stop at EOS, at <|image start|>, and neither
     neg_ids, neg_mask = planner.encode_negative_prompt()
     assert torch.equal(rollout.extras["negative_ids"], neg_ids.expand(len(rollout), -1))
-    written = planner.plan_written(rollout.plan_ids)
-    end, header = planner.end_marker_id(), torch.tensor(planner.image_prefix_ids)
+    written = planner.planner.plan_written(rollout.plan_ids)
+    end, header = planner.planner.end_marker_id(), torch.tensor(planner.image_prefix_ids)
     free = planner.free_positions
     columns = slice(planner.visual_start, planner.visual_start + planner.num_codes)
     stops = set()

@@ -1,5 +1,5 @@
 """Think-then-draw: a text plan, then the image conditioned on prompt + plan (policies/plan.py), on every tiny policy
-that adopts it (a family inheriting `ThinkThenDraw` is picked up automatically), and GRPO runs whose reward depends
+that can write one (every family that implements the text hooks is picked up automatically), and GRPO runs whose reward depends
 on the plan."""
 
 import json
@@ -10,12 +10,12 @@ import torch
 import policies
 import rewards
 from conftest import PROMPTS, reward_rise, run_tiny_grpo
-from policies.plan import PlanSettings, ThinkThenDraw
+from policies.plan import PlanSettings
 from rewards.base import Reward
 from rewards.color import COLORS
 
 PLAN = PlanSettings(max_tokens=6, temperature=1.3)
-PLAN_FAMILIES = [name for name in policies.available() if issubclass(policies.policy_class(name), ThinkThenDraw)]
+PLAN_FAMILIES = [name for name in policies.available() if policies.build(name, tiny=True).plan_refusal is None]
 
 
 @pytest.fixture(scope="module", params=PLAN_FAMILIES)
@@ -41,13 +41,13 @@ def test_rollout_layout_and_action_mask(planner):
     image_tokens = planner.num_image_tokens
     assert rollout.num_plan_tokens == plan_width and planner.num_completion_tokens == plan_width + image_tokens
     assert rollout.completion_ids.shape == (6, plan_width + image_tokens)
-    written = planner.plan_written(rollout.plan_ids)
+    written = planner.planner.plan_written(rollout.plan_ids)
     assert torch.equal(rollout.action_mask[:, :plan_width], written)
     assert rollout.action_mask[:, plan_width:].any() == free_image_tokens(planner)
     assert written[:, 0].all()  # every plan wrote something
     if planner.name == "janus":  # at this seed some tiny Janus plans stop early, which exercises the padding below
         assert (~written).any()
-    stops = torch.isin(rollout.plan_ids, planner.plan_stop_ids())
+    stops = torch.isin(rollout.plan_ids, planner.planner.plan_stop_ids())
     for row in range(len(rollout)):  # a stopped plan's last written token is its stop token, then only padding
         n = int(written[row].sum())
         if n < plan_width:
@@ -103,19 +103,19 @@ def test_the_image_is_conditioned_on_the_plan(planner):
 def test_image_context_masks_the_end_marker_and_a_repeated_begin_of_image(planner):
     tok = planner.plan_tokenizer
     red, blue = tok.convert_tokens_to_ids("red"), tok.convert_tokens_to_ids("blue")
-    eos, pad, boi = planner.end_marker_id(), tok.pad_token_id, planner.image_prefix_ids[0]
+    eos, pad, boi = planner.planner.end_marker_id(), tok.pad_token_id, planner.image_prefix_ids[0]
     assert tok.unk_token_id not in (red, blue), "the tiny tokenizer must know 'red' and 'blue'"
     span = torch.tensor([[red, eos, pad, pad, pad, pad], [red, blue, boi, pad, pad, pad],
                          [red] * 6])
     prompt_ids, prompt_mask = torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long)
-    ids, mask = planner.plan_context(prompt_ids, prompt_mask, span)
+    ids, mask = planner.planner.plan_context(prompt_ids, prompt_mask, span)
     prefix = len(planner.image_prefix_ids)
     assert ids[:, 8:9].tolist() == [[boi]] * 3 and ids[:, 8:].tolist() == [planner.image_prefix_ids] * 3
     tail = [1] * (prefix - 1)
     assert mask.tolist() == [[1, 1, 1, 0, 0, 0, 0, 0, 1] + tail,  # end marker and padding out, BOI appended
                              [1, 1, 1, 1, 1, 0, 0, 0, 0] + tail,  # the plan wrote BOI: no second one
                              [1, 1, 1, 1, 1, 1, 1, 1, 1] + tail]  # ran to max_tokens
-    assert planner.plan_written(span).sum(1).tolist() == [2, 3, 6]
+    assert planner.planner.plan_written(span).sum(1).tolist() == [2, 3, 6]
 
 
 def test_plan_settings_and_families_are_checked(planner):

@@ -74,8 +74,8 @@ def build_janus_size(size: str, device: str, dtype: torch.dtype, compile_decode:
     """A JanusPolicy of a named size with random weights, built on `device` in `dtype`; refuses if it cannot fit."""
     from transformers import JanusForConditionalGeneration, JanusImageProcessor, JanusProcessor
 
-    from policies.janus import TINY_CHAT_TEMPLATE, JanusPolicy
-    from policies.tiny import word_level_tokenizer
+    from policies.janus import JanusPolicy
+    from policies.tiny import JANUS_CHAT_TEMPLATE, word_level_tokenizer
 
     if size not in JANUS_SIZES:
         raise SystemExit(f"unknown size {size!r} for janus; known: {', '.join(JANUS_SIZES)}")
@@ -94,7 +94,7 @@ def build_janus_size(size: str, device: str, dtype: torch.dtype, compile_decode:
     model.eval()
     side = config.vision_config.image_size
     processor = JanusProcessor(image_processor=JanusImageProcessor(size={"height": side, "width": side}),
-                               tokenizer=tokenizer, chat_template=TINY_CHAT_TEMPLATE,
+                               tokenizer=tokenizer, chat_template=JANUS_CHAT_TEMPLATE,
                                num_image_tokens=config.vision_config.num_image_tokens)
     policy = JanusPolicy(model, processor)
     policy.static_cache = policy.compile_decode = False

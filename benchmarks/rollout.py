@@ -31,7 +31,6 @@ import torch
 import policies
 from benchmarks.common import (
     JANUS_SIZES,
-    PeakMemory,
     build_janus_size,
     machine_name,
     measure_bandwidth,

@@ -88,15 +88,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from policies import tiny as toy
 from policies.base import Policy, Rollout, SamplingSettings, draw_seeds, position_ids_from_mask
+from policies.checkpoints.blip3o_next import (CONNECTOR_PREFIX, DEFAULT_DIFFUSION_REPO, SANA_CONFIG_DIR, SANA_PREFIX,
+                                              VAE_CONFIG_DIR, VAE_PREFIX, load_blip3o_next)
+from policies.modules.sana_decoder import DiffusionDecoder
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 GENERATION_INSTRUCTION = "Please generate image based on the following caption: {prompt}"
@@ -107,81 +110,6 @@ CODEBOOK_SIZE = 65536  # TA-Tok
 CONNECTOR_DIM = 2304  # Sana caption_channels
 DIFFUSION_GUIDANCE_SCALE = 2.0
 DIFFUSION_STEPS = 30
-DEFAULT_DIFFUSION_REPO = "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers"
-
-# config.json fields of the release that this policy reads
-RELEASE_ID_FIELDS = ("image_start_tag_id", "image_end_tag_id", "image_start_token_id", "scale_start_token_id")
-# checkpoint prefixes
-SANA_PREFIX, VAE_PREFIX, CONNECTOR_PREFIX = "model.sana.", "model.sana_vae.", "model.diffusion_connector."
-UNUSED_PREFIXES = ("model.vision_tower.", "model.vae_connector.")
-# our own layout stores the decoder configs next to the weights (the release reads them from the hub)
-SANA_CONFIG_DIR, VAE_CONFIG_DIR = "sana", "sana_vae"
-
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|> {{ message['role'] }} {{ message['content'] }} <|im_end|> "
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
-)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The decoder ("environment"): connector -> Sana flow-match Euler with CFG -> DC-AE
-
-
-def build_connector(hidden_size: int, caption_channels: int) -> nn.Sequential:
-    """The release's `diffusion_connector` (module indices match its checkpoint keys 0, 2, 3)."""
-    from diffusers.models.normalization import RMSNorm
-
-    norm = RMSNorm(caption_channels, eps=1e-5, elementwise_affine=True)
-    with torch.no_grad():
-        norm.weight.fill_(math.sqrt(5.5))  # the release's initial value (overwritten by loaded weights)
-    return nn.Sequential(nn.Linear(hidden_size, caption_channels), nn.GELU(approximate="tanh"),
-                         nn.Linear(caption_channels, caption_channels), norm)
-
-
-def flow_sigmas(steps: int, shift: float = 1.0) -> list[float]:
-    """linspace(1, 1/steps, steps), shifted like diffusers' FlowMatchEulerDiscreteScheduler, plus the final 0."""
-    sigmas = [1.0 - i * (1.0 - 1.0 / steps) / max(steps - 1, 1) for i in range(steps)]
-    sigmas = [shift * s / (1 + (shift - 1) * s) for s in sigmas]
-    return sigmas + [0.0]
-
-
-class DiffusionDecoder(nn.Module):
-    """Frozen connector + SanaTransformer2DModel + AutoencoderDC. `forward` keeps autograd (the tiny toy world is
-    fitted through it); the policy calls it under no_grad."""
-
-    def __init__(self, connector: nn.Sequential, sana: nn.Module, vae: nn.Module):
-        super().__init__()
-        self.connector, self.sana, self.vae = connector, sana, vae
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        side = self.sana.config.sample_size
-        return (self.sana.config.in_channels, side, side)
-
-    @property
-    def image_size(self) -> int:
-        return self.sana.config.sample_size * 2 ** (len(self.vae.config.decoder_block_out_channels) - 1)
-
-    def forward(self, hidden: Tensor, noise: Tensor, guidance_scale: float, steps: int, shift: float = 1.0) -> Tensor:
-        """hidden [B, L, H] last-layer states, noise [B, C, S, S] -> pixels [B, 3, H, W], about [-1, 1]."""
-        dtype = next(self.sana.parameters()).dtype
-        hidden = hidden.to(next(self.connector.parameters()).dtype)
-        # null condition = the connector applied to zeros, as released (rows ordered [null, cond])
-        context = self.connector(torch.cat([torch.zeros_like(hidden), hidden])).to(dtype)
-        latents = noise.to(dtype)
-        sigmas = flow_sigmas(steps, shift)
-        for i in range(steps):
-            timestep = torch.full((2 * len(latents),), sigmas[i] * 1000.0, device=latents.device, dtype=dtype)
-            velocity = self.sana(hidden_states=torch.cat([latents, latents]), encoder_hidden_states=context,
-                                 timestep=timestep, return_dict=False)[0]
-            null, cond = velocity.float().chunk(2)
-            velocity = null + guidance_scale * (cond - null)
-            latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * velocity).to(dtype)
-        config = self.vae.config
-        latents = latents.to(next(self.vae.parameters()).dtype) / config.scaling_factor
-        if getattr(config, "shift_factor", None) is not None:
-            latents = latents + config.shift_factor
-        return self.vae.decode(latents, return_dict=False)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,16 +215,21 @@ class Blip3oNextPolicy(Policy):
                      if v is not None}
         if tiny:
             torch.manual_seed(seed)
-            model, tokenizer, decoder, ids, extra = _tiny_blip3o()
+            model, tokenizer, decoder, ids, extra = toy.tiny_blip3o_next()
             policy = cls(model, tokenizer, decoder, ids=ids, **{"diffusion_steps": 2, **diffusion}, **extra,
                          **options)
             if tiny_palette:
-                fit_decoder_to_palette(policy, tiny_palette, steps=tiny_palette_steps, seed=seed)
+                toy.fit_diffusion_decoder_to_palette(policy, tiny_palette, steps=tiny_palette_steps, seed=seed)
         else:
             if tiny_palette:
                 raise ValueError("tiny_palette applies to tiny=True only")
-            policy = load_blip3o_next(model_name_or_path, diffusion_name_or_path=diffusion_name_or_path, **diffusion,
-                                      **options)
+            parts = load_blip3o_next(model_name_or_path, diffusion_name_or_path)
+            saved = parts.pop("saved")  # the blip3o_* fields our save_pretrained writes into config.json
+            for name, default in (("diffusion_guidance_scale", DIFFUSION_GUIDANCE_SCALE),
+                                  ("diffusion_steps", DIFFUSION_STEPS), ("diffusion_shift", 1.0)):
+                diffusion.setdefault(name, type(default)(saved.get(name, default)))
+            policy = cls(**parts, tokens_per_image=int(saved.get("tokens_per_image", TOKENS_PER_IMAGE)),
+                         codebook_size=int(saved.get("codebook_size", CODEBOOK_SIZE)), **diffusion, **options)
         policy.model.to(torch_dtype)
         policy.decoder.to(decoder_torch_dtype)
         for module in (policy.model, policy.decoder):
@@ -315,8 +248,6 @@ class Blip3oNextPolicy(Policy):
         """The release layout (one safetensors state dict with the Qwen keys and `model.sana.*`,
         `model.sana_vae.*`, `model.diffusion_connector.*`; config.json with the release fields), plus the Sana and
         DC-AE configs in `sana/` and `sana_vae/` so that loading needs no hub access, plus the tokenizer."""
-        from safetensors.torch import save_file
-
         if self.peft_model is not None:
             raise RuntimeError("save the LoRA adapter with policy.peft_model.save_pretrained(...) (or merge it "
                                "first); save_pretrained writes base weights only")
@@ -483,263 +414,3 @@ class Blip3oNextPolicy(Policy):
         return images
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Loading real checkpoints without the original repository
-
-
-def _resolve_checkpoint(name_or_path: str) -> Path:
-    if os.path.isdir(name_or_path):
-        return Path(name_or_path)
-    if os.path.exists(name_or_path):
-        raise ValueError(f"{name_or_path} is a file; give the checkpoint folder or a hub id")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name_or_path, allow_patterns=[
-            "*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken", f"{SANA_CONFIG_DIR}/*",
-            f"{VAE_CONFIG_DIR}/*"]))
-    except Exception as error:  # noqa: BLE001 - any hub/network failure gets the same actionable message
-        raise OSError(f"cannot find BLIP3o-NEXT checkpoint {name_or_path!r}: not a local folder, and the hub "
-                      f"download failed ({type(error).__name__}: {error}). Download it where the hub is "
-                      "reachable and pass the local folder as model_name_or_path.") from error
-
-
-def _load_state_dict(folder: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{folder}: shard(s) {missing} listed in model.safetensors.index.json are missing")
-        state = {}
-        for shard in shards:
-            state.update(load_file(str(folder / shard)))
-        return state
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return load_file(str(single))
-    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-
-
-def _decoder_configs(folder: Path, diffusion_name_or_path: str) -> tuple[dict, dict]:
-    """Sana and DC-AE configs: from our layout's subfolders, else from the Sana repo as the release does."""
-    from diffusers import AutoencoderDC, SanaTransformer2DModel
-
-    if (folder / SANA_CONFIG_DIR / "config.json").is_file() and (folder / VAE_CONFIG_DIR / "config.json").is_file():
-        return (SanaTransformer2DModel.load_config(str(folder / SANA_CONFIG_DIR)),
-                AutoencoderDC.load_config(str(folder / VAE_CONFIG_DIR)))
-    try:
-        return (SanaTransformer2DModel.load_config(diffusion_name_or_path, subfolder="transformer"),
-                AutoencoderDC.load_config(diffusion_name_or_path, subfolder="vae"))
-    except Exception as error:  # noqa: BLE001
-        raise OSError(f"cannot read the Sana/DC-AE configs ({diffusion_name_or_path!r}, subfolders 'transformer/' "
-                      f"and 'vae/', named by the checkpoint's diffusion_name_or_path): {type(error).__name__}: "
-                      f"{error}. Only their config.json files are needed (the weights are in the BLIP3o checkpoint):"
-                      " pass diffusion_name_or_path=LOCAL_COPY, or put them in the checkpoint folder as "
-                      f"'{SANA_CONFIG_DIR}/config.json' and '{VAE_CONFIG_DIR}/config.json'.") from error
-
-
-def _load_into(module: nn.Module, state: dict[str, Tensor], what: str, allow_missing: tuple[str, ...] = ()) -> None:
-    result = module.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if k not in allow_missing]
-    if missing:
-        raise KeyError(f"checkpoint is missing {len(missing)} {what} weight(s), e.g. {missing[:5]}")
-    if result.unexpected_keys:
-        raise KeyError(f"checkpoint has {len(result.unexpected_keys)} {what} weight(s) the model does not know, "
-                       f"e.g. {result.unexpected_keys[:5]}")
-
-
-def load_blip3o_next(model_name_or_path: str, *, diffusion_name_or_path: str | None = None,
-                     **policy_options) -> Blip3oNextPolicy:
-    """Build the policy from a release checkpoint (or our save_pretrained output): Qwen3 backbone, connector, Sana
-    and DC-AE from one state dict; field names as in the release config.json."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderDC, SanaTransformer2DModel
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
-
-    folder = _resolve_checkpoint(model_name_or_path)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json")
-    raw = json.loads(config_path.read_text())
-    missing = [k for k in RELEASE_ID_FIELDS if k not in raw]
-    if missing:
-        raise KeyError(f"{config_path} lacks the BLIP3o-NEXT field(s) {missing}; is this a BLIP3o-NEXT checkpoint?")
-    ids = {k: int(raw[k]) for k in RELEASE_ID_FIELDS}
-    diffusion = diffusion_name_or_path or raw.get("diffusion_name_or_path") or DEFAULT_DIFFUSION_REPO
-
-    # The release's model_type ("blip3o_qwen*") is registered only by its own package; the backbone is Qwen3.
-    qwen_fields = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map",
-                                                              "transformers_version")}
-    if qwen_fields.get("rope_scaling", 0) is None:  # the release writes rope_scaling = None
-        del qwen_fields["rope_scaling"]
-    sana_config, vae_config = _decoder_configs(folder, diffusion)
-    # Parameters on the meta device (buffers stay real): no random init of ~4B parameters that the checkpoint
-    # overwrites; load_state_dict(assign=True) puts the checkpoint tensors in, and a parameter it lacks fails loudly.
-    with init_empty_weights(include_buffers=False):
-        backbone = Qwen3ForCausalLM(Qwen3Config(**qwen_fields))
-        sana = SanaTransformer2DModel.from_config(sana_config)
-        vae = AutoencoderDC.from_config(vae_config)
-        connector = build_connector(backbone.config.hidden_size, sana.config.caption_channels)
-
-    state = _load_state_dict(folder)
-    parts: dict[str, dict[str, Tensor]] = {"sana": {}, "vae": {}, "connector": {}, "backbone": {}}
-    for key, value in state.items():
-        if key.startswith(UNUSED_PREFIXES):
-            continue
-        for prefix, part in ((VAE_PREFIX, "vae"), (SANA_PREFIX, "sana"), (CONNECTOR_PREFIX, "connector")):
-            if key.startswith(prefix):
-                parts[part][key[len(prefix):]] = value
-                break
-        else:
-            parts["backbone"][key] = value
-    tied = bool(getattr(backbone.config, "tie_word_embeddings", False))
-    _load_into(backbone, parts["backbone"], "Qwen3 backbone", allow_missing=("lm_head.weight",) if tied else ())
-    if "lm_head.weight" not in parts["backbone"] and not tied:
-        raise KeyError("checkpoint has no lm_head.weight and the config does not tie word embeddings")
-    if tied:
-        backbone.tie_weights()
-    _load_into(sana, parts["sana"], f"Sana transformer ({SANA_PREFIX}*)")
-    _load_into(vae, parts["vae"], f"DC-AE ({VAE_PREFIX}*)")
-    _load_into(connector, parts["connector"], f"diffusion connector ({CONNECTOR_PREFIX}*)")
-    for what, module in (("backbone", backbone), ("Sana", sana), ("DC-AE", vae), ("connector", connector)):
-        empty = [n for n, p in module.named_parameters() if p.is_meta]
-        if empty:
-            raise KeyError(f"checkpoint left {len(empty)} {what} parameter(s) unset, e.g. {empty[:5]}")
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except Exception as error:  # noqa: BLE001
-        raise OSError(f"cannot load the tokenizer from {folder}: {type(error).__name__}: {error}") from error
-    for field, token in (("image_start_tag_id", "<im_start>"), ("scale_start_token_id", "<S0>"),
-                         ("image_start_token_id", "<I0>")):
-        if tokenizer.convert_tokens_to_ids(token) != ids[field]:
-            raise ValueError(f"config {field}={ids[field]} but the tokenizer maps {token} to "
-                             f"{tokenizer.convert_tokens_to_ids(token)}")
-    release_fields = {k: raw[k] for k in ("mm_vision_tower",) if k in raw}
-    for name, default in (("diffusion_guidance_scale", DIFFUSION_GUIDANCE_SCALE), ("diffusion_steps", DIFFUSION_STEPS),
-                          ("diffusion_shift", 1.0)):
-        policy_options.setdefault(name, type(default)(raw.get("blip3o_" + name, default)))
-    return Blip3oNextPolicy(
-        backbone, tokenizer, DiffusionDecoder(connector, sana, vae), ids=ids,
-        tokens_per_image=int(raw.get("blip3o_tokens_per_image", TOKENS_PER_IMAGE)),
-        codebook_size=int(raw.get("blip3o_codebook_size", CODEBOOK_SIZE)),
-        diffusion_name_or_path=diffusion, release_config=release_fields, **policy_options)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tiny model and toy world
-
-
-def _tiny_blip3o():
-    """Random tiny Qwen3 + Sana + DC-AE: 16 image tokens (4x4) from 64 codes, 8x8x8 latents, 32 px images."""
-    from diffusers import AutoencoderDC, SanaTransformer2DModel
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from policies.tiny import TINY_WORDS, word_level_tokenizer
-
-    codes, grid = 64, 4
-    image_tokens = [f"<I{k}>" for k in range(codes)]
-    specials = ["<|im_start|>", "<|im_end|>", "<im_start>", "<im_end>", "<S0>", "<S1>", "<S2>", *image_tokens]
-    words = [*TINY_WORDS, "system", "user", "assistant", *"you are helpful assistant please generate based "
-             "following caption :".split()]
-    tokenizer = word_level_tokenizer(specials, words=words)
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    ids = {"image_start_tag_id": tokenizer.convert_tokens_to_ids("<im_start>"),
-           "image_end_tag_id": tokenizer.convert_tokens_to_ids("<im_end>"),
-           "image_start_token_id": tokenizer.convert_tokens_to_ids("<I0>"),
-           "scale_start_token_id": tokenizer.convert_tokens_to_ids("<S0>")}
-    hidden = 64
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = Qwen3ForCausalLM(config)
-    vae = AutoencoderDC(in_channels=3, latent_channels=8, attention_head_dim=8,
-                        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                        encoder_block_out_channels=(16, 32, 32), decoder_block_out_channels=(16, 32, 32),
-                        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
-                        encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
-                        downsample_block_type="conv", upsample_block_type="interpolate",
-                        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
-    sana = SanaTransformer2DModel(in_channels=8, out_channels=8, num_layers=2, num_attention_heads=2,
-                                  attention_head_dim=16, num_cross_attention_heads=2, cross_attention_head_dim=16,
-                                  cross_attention_dim=32, caption_channels=64, sample_size=8, patch_size=1)
-    connector = build_connector(hidden, sana.config.caption_channels)
-    decoder = DiffusionDecoder(connector, sana, vae)
-    return model, tokenizer, decoder, ids, {"tokens_per_image": grid * grid, "codebook_size": codes}
-
-
-def fit_decoder_to_palette(policy: Blip3oNextPolicy, colors: list[str], steps: int = 80, lr: float = 5e-3,
-                           seed: int = 0, batch: int = 16) -> tuple[float, float]:
-    """The toy world: fit the tiny decoder so that image token k paints `colors[k % len(colors)]` at its own place
-    in the grid. A random decoder paints every token grid the same muddy colour, so a colour reward would be flat.
-
-    Two cheap regressions instead of back-propagating through the whole CFG/Euler loop:
-    1. DC-AE: a token grid's "colour latent" (a fixed random latent vector per colour, laid out on the token grid)
-       decodes to the palette image of that grid;
-    2. connector + Sana: flow matching from noise to that latent, conditioned on the backbone's hidden states of
-       `<S0>` + the tokens (read as `decode` reads them), with the condition zeroed for 10% of the rows as BLIP3o
-       trains it, so that the decoder's CFG against the zero condition is meaningful.
-    Token grids range from uniformly random to one colour only (policies/tiny.py). Returns the two final losses.
-    """
-    from policies.tiny import _training_grids
-    from rewards.color import COLORS
-
-    generator = torch.Generator().manual_seed(seed)
-    decoder = policy.decoder
-    channels, side, _ = decoder.latent_shape
-    grid = int(round(policy.num_image_tokens ** 0.5))
-    palette = torch.tensor([COLORS[c] for c in colors], dtype=torch.float32) / 127.5 - 1.0  # [K, 3]
-    color_latent = torch.randn(len(colors), channels, generator=generator)  # [K, C]
-    token_color = torch.arange(policy.codebook_size) % len(colors)
-    prompt_ids, prompt_mask = policy.encode_prompts([f"a {c} image" for c in colors])
-
-    def draw(batch: int) -> tuple[Tensor, Tensor, Tensor]:
-        codes = _training_grids(batch, policy.num_image_tokens, policy.codebook_size, len(colors), generator)
-        colour = token_color[codes].view(batch, grid, grid)
-        latents = nn.functional.interpolate(color_latent[colour].permute(0, 3, 1, 2), size=(side, side),
-                                            mode="nearest")
-        return codes, colour, latents
-
-    def fit(parameters: list[nn.Parameter], loss_fn, steps: int) -> float:
-        for p in parameters:
-            p.requires_grad_(True)
-        optimizer = torch.optim.Adam(parameters, lr=lr)
-        loss = torch.tensor(float("nan"))
-        for _ in range(steps):
-            loss = loss_fn()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        for p in parameters:
-            p.requires_grad_(False)
-            p.grad = None
-        return loss.item()
-
-    def vae_loss() -> Tensor:
-        _, colour, latents = draw(batch // 2)  # the DC-AE is the slow part, and its job is easy
-        images = decoder.vae.decode(latents / decoder.vae.config.scaling_factor, return_dict=False)[0]
-        target = nn.functional.interpolate(palette[colour].permute(0, 3, 1, 2), size=images.shape[-2:],
-                                           mode="nearest")
-        return nn.functional.mse_loss(images, target)
-
-    def flow_loss() -> Tensor:
-        codes, _, latents = draw(batch)
-        rows = torch.randint(0, len(colors), (batch,), generator=generator)
-        with torch.no_grad():
-            hidden = policy.decoder_hidden_states(prompt_ids[rows], prompt_mask[rows], codes + policy.image_start)
-        keep = (torch.rand(batch, 1, 1, generator=generator) >= 0.1).to(hidden.dtype)
-        sigma = torch.rand(batch, 1, 1, 1, generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        noisy = (1 - sigma) * latents + sigma * noise
-        velocity = decoder.sana(hidden_states=noisy, encoder_hidden_states=decoder.connector(hidden * keep),
-                                timestep=sigma.flatten() * 1000.0, return_dict=False)[0]
-        return nn.functional.mse_loss(velocity, noise - latents)
-
-    vae_error = fit(list(decoder.vae.decoder.parameters()), vae_loss, max(steps // 2, 1))
-    flow_error = fit(list(decoder.sana.parameters()) + list(decoder.connector.parameters()), flow_loss, steps)
-    return vae_error, flow_error

@@ -79,161 +79,21 @@ from PIL import Image
 from torch import Tensor, nn
 from trl.trainer.utils import selective_log_softmax
 
+from policies import tiny as toy
 from policies.base import (ImageSample, Policy, Rollout, SamplingSettings, entropy_of_logits, position_ids_from_mask,
                            process_logits, sample_from_logits)
+from policies.checkpoints.vqgan import (VQGAN_FILENAME, default_vqgan_path, load_vqgan_decoder,
+                                       save_vqgan_decoder)
+from policies.modules.vqgan import VQGANDecoder
 
 log = logging.getLogger("grpo_img")
 
 ANOLE_HF_ID = "leloy/Anole-7b-v0.1-hf"
-ANOLE_VQGAN = ("GAIR/Anole-7b-v0.1", "tokenizer/vqgan.ckpt")
-VQGAN_FILENAME = "vqgan.ckpt"
 BOI_TOKEN, EOI_TOKEN, EOT_TOKEN = "<racm3:break>", "<eoss>", "<reserved08706>"
 MODES = ("t2i", "interleaved")
 # The tiny decoder (one resnet block per level) fits the demo palette to an MSE of about 0.01 in this many steps.
 TINY_PALETTE_FIT_STEPS = 300
-
-# ----------------------------------------------------------------------------------------------------------------
-# The VQGAN decoder
-
-
-class _Upsample(nn.Module):
-    """Nearest x2 then a 3x3 conv (taming `Upsample(with_conv=True)`); key `upsample.conv.*`."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class _Decoder(nn.Module):
-    """taming-transformers `Decoder` (temb_ch 0, no tanh, give_pre_end False), module names as in the release."""
-
-    def __init__(self, config):
-        from transformers.models.chameleon.modeling_chameleon import (
-            ChameleonVQVAEEncoderAttnBlock as AttnBlock,
-            ChameleonVQVAEEncoderResnetBlock as ResnetBlock,
-        )
-
-        super().__init__()
-        mult = list(config.channel_multiplier)
-        levels = len(mult)
-        attn_resolutions = config.attn_resolutions or []
-        use_attn = config.attn_type == "vanilla"
-        block_in = config.base_channels * mult[-1]
-        resolution = config.resolution // 2 ** (levels - 1)
-        self.conv_in = nn.Conv2d(config.latent_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(config, block_in, block_in)
-        self.mid.attn_1 = AttnBlock(block_in) if use_attn else nn.Identity()
-        self.mid.block_2 = ResnetBlock(config, block_in, block_in)
-        up: list[nn.Module] = []
-        for level in reversed(range(levels)):
-            stage = nn.Module()
-            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
-            block_out = config.base_channels * mult[level]
-            for _ in range(config.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(config, block_in, block_out))
-                block_in = block_out
-                if use_attn and resolution in attn_resolutions:
-                    stage.attn.append(AttnBlock(block_in))
-            if level != 0:
-                stage.upsample = _Upsample(block_in)
-                resolution *= 2
-            up.insert(0, stage)  # stored as up[level]: up[levels - 1] runs first, as in the release
-        self.up = nn.ModuleList(up)
-        self.norm_out = nn.GroupNorm(num_groups=32, num_channels=block_in, eps=1e-6, affine=True)
-        self.conv_out = nn.Conv2d(block_in, config.out_channels if hasattr(config, "out_channels") else 3,
-                                  kernel_size=3, stride=1, padding=1)
-
-    def forward(self, z: Tensor) -> Tensor:
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
-        for level in reversed(range(len(self.up))):
-            stage = self.up[level]
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
-            if level != 0:
-                h = stage.upsample(h)
-        h = self.norm_out(h)
-        return self.conv_out(h * torch.sigmoid(h))
-
-
-class VQGANDecoder(nn.Module):
-    """Codebook indices [B, grid*grid] (row-major) -> pixels [B, 3, H, W], about [-1, 1].
-
-    Submodules `quantize` (transformers' Chameleon quantizer: the codebook), `post_quant_conv` and `decoder` carry
-    the release's checkpoint names, so the key mapping is the identity on the keys the decoder needs.
-    """
-
-    def __init__(self, vq_config):
-        from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAEVectorQuantizer
-
-        super().__init__()
-        self.config = vq_config
-        self.quantize = ChameleonVQVAEVectorQuantizer(vq_config)
-        self.post_quant_conv = nn.Conv2d(vq_config.embed_dim, vq_config.latent_channels, 1)
-        self.decoder = _Decoder(vq_config)
-        self.grid = vq_config.resolution // 2 ** (len(vq_config.channel_multiplier) - 1)
-
-    def forward(self, codes: Tensor) -> Tensor:
-        if codes.shape[-1] != self.grid * self.grid:
-            raise ValueError(f"the decoder takes {self.grid}x{self.grid}={self.grid ** 2} codes per image, "
-                             f"got {codes.shape[-1]}")
-        z = self.quantize.embedding(codes).view(codes.shape[0], self.grid, self.grid, -1).permute(0, 3, 1, 2)
-        return self.decoder(self.post_quant_conv(z))
-
-
-# Release-checkpoint keys that decoding does not need (the encoder side and the training losses).
-SKIPPED_RELEASE_PREFIXES = ("encoder.", "quant_conv.", "loss.")
-
-
-def release_key_to_module_key(key: str) -> str | None:
-    """The documented mapping from a `vqgan.ckpt` state-dict key to a `VQGANDecoder` key (None: not needed)."""
-    if key.startswith(SKIPPED_RELEASE_PREFIXES):
-        return None
-    return key  # decoder.*, post_quant_conv.*, quantize.embedding.weight keep their release names
-
-
-def save_vqgan_decoder(decoder: VQGANDecoder, path: str) -> None:
-    """Write the decoder in the release's layout (a Lightning-style `{"state_dict": ...}`), loadable by the release
-    code and by `load_vqgan_decoder`."""
-    state = {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
-    torch.save({"state_dict": state}, path)
-
-
-def load_vqgan_decoder(decoder: VQGANDecoder, path: str) -> VQGANDecoder:
-    """Load `vqgan.ckpt` (release layout) into `decoder`; missing, unexpected or mis-shaped keys raise, by name."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"VQGAN checkpoint not found: {path}")
-    # weights_only: the release file loads this way (transformers' converter reads it so), and nothing else runs
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    state = raw["state_dict"] if isinstance(raw, dict) and "state_dict" in raw else raw
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds no state dict (got {type(state).__name__})")
-    expected = decoder.state_dict()
-    mapped, unexpected = {}, []
-    for key, value in state.items():
-        target = release_key_to_module_key(key)
-        if target is None:
-            continue
-        if target not in expected:
-            unexpected.append(key)
-            continue
-        if tuple(value.shape) != tuple(expected[target].shape):
-            raise ValueError(f"{path}: key {key!r} has shape {tuple(value.shape)}, the decoder built from vq_config "
-                             f"expects {tuple(expected[target].shape)}")
-        mapped[target] = value
-    missing = sorted(set(expected) - set(mapped))
-    if missing or unexpected:
-        raise KeyError(f"{path} does not match the VQGAN decoder: missing keys {missing[:8]}"
-                       f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all); unexpected keys "
-                       f"{sorted(unexpected)[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)")
-    decoder.load_state_dict(mapped, strict=True)
-    return decoder
-
+TINY_CODES = 256  # the tiny model's codebook: 64 image tokens (8x8 grid), 32 px images
 
 # ----------------------------------------------------------------------------------------------------------------
 # The policy
@@ -327,21 +187,21 @@ class ChameleonPolicy(Policy):
                              f"{ANOLE_HF_ID!r}) or tiny=True")
         if tiny:
             torch.manual_seed(seed)
-            model, tokenizer = _tiny_chameleon()
+            model, tokenizer = toy.tiny_chameleon(
+                [BOI_TOKEN, EOI_TOKEN, EOT_TOKEN, "<image>"], [_image_token_name(k) for k in range(TINY_CODES)],
+                extra_special={"boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN, "image_token": "<image>"})
             decoder = VQGANDecoder(model.config.vq_config)
             if vqgan_path is not None:
                 load_vqgan_decoder(decoder, vqgan_path)
             elif tiny_palette:
-                from policies.tiny import fit_decoder_to_palette
-
-                fit_decoder_to_palette(decoder, decoder.parameters(), decoder.config.num_embeddings, decoder.grid,
+                toy.fit_decoder_to_palette(decoder, decoder.parameters(), decoder.config.num_embeddings, decoder.grid,
                                        tiny_palette, steps=TINY_PALETTE_FIT_STEPS, seed=seed)
             model.to(torch_dtype)
         else:
             model = ChameleonForConditionalGeneration.from_pretrained(model_name_or_path, dtype=torch_dtype)
             tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
             decoder = VQGANDecoder(model.config.vq_config)
-            load_vqgan_decoder(decoder, vqgan_path or _default_vqgan_path(model_name_or_path))
+            load_vqgan_decoder(decoder, vqgan_path or default_vqgan_path(model_name_or_path))
         model.requires_grad_(False)
         model.eval()
         decoder.requires_grad_(False)
@@ -622,44 +482,8 @@ class ChameleonPolicy(Policy):
         return images
 
 
-def _default_vqgan_path(model_name_or_path: str) -> str:
-    if os.path.isdir(model_name_or_path):
-        path = os.path.join(model_name_or_path, VQGAN_FILENAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{model_name_or_path} has no {VQGAN_FILENAME}; copy the release's "
-                                    "tokenizer/vqgan.ckpt there or pass vqgan_path=...")
-        return path
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(ANOLE_VQGAN[0], ANOLE_VQGAN[1])
-
-
 def _image_token_name(code: int) -> str:
     """The release's name of codebook entry `code`: IMGIMG + its decimal digits spelled A-J + Z."""
     return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
 
 
-def _tiny_chameleon(num_codes: int = 256):
-    """A ~0.3M-parameter ChameleonForConditionalGeneration: 64 image tokens (8x8 grid), 256 codes, 32 px images.
-    `num_res_blocks=0` (one resnet block per decoder level) keeps the demo's palette fit short.
-
-    The vocabulary holds the release's special tokens and IMGIMG names; `vocabulary_map` is the tokenizer's vocab,
-    as in transformers' conversion of the release.
-    """
-    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
-
-    from policies.tiny import TINY_WORDS, word_level_tokenizer
-
-    specials = [BOI_TOKEN, EOI_TOKEN, EOT_TOKEN, "<image>"]
-    words = list(TINY_WORDS) + [_image_token_name(k) for k in range(num_codes)]
-    tokenizer = word_level_tokenizer(specials, words=words,
-                                     extra_special={"boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN,
-                                                    "image_token": "<image>"})
-    config = ChameleonConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, vocabulary_map=dict(tokenizer.get_vocab()),
-        vq_config=dict(embed_dim=16, num_embeddings=num_codes, latent_channels=16, resolution=32, base_channels=32,
-                       channel_multiplier=[1, 1, 1], num_res_blocks=0),
-    )
-    return ChameleonForConditionalGeneration(config), tokenizer

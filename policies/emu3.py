@@ -67,6 +67,7 @@ from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 
+from policies import tiny as toy
 from policies.base import Policy, Rollout, SamplingSettings, Stream
 
 RELEASE_NEGATIVE_PROMPT = (
@@ -78,9 +79,6 @@ EOL_TOKEN, EOF_TOKEN = "<|extra_200|>", "<|extra_201|>"
 EXTRA_TOKEN = re.compile(r"<\|extra_\d+\|>")  # reserved tokens: EOL, EOF, BOS, EOS, ...
 VQ_SPATIAL_FACTOR = 8  # Emu3Processor.downsample_ratio: pixels per token side, used to size the grid
 DEFAULT_RESOLUTION = 512  # 64x64 grid, 4163 completion tokens
-# Weight init of the tiny text model. With the default 0.02 the visual rows of a random lm_head are so short that no
-# hidden state (RMS-normed) can favour one colour's codes by more than ~0.1 nat: LoRA-only GRPO has nothing to move.
-TINY_INIT_STD = 0.2
 POLICY_SETTINGS_FILE = "emu3_policy.json"  # the prompt/size settings, written next to the weights
 TINY_RESOLUTION = 32  # 4x4 grid, 23 completion tokens (8 px images from the tiny decoder)
 RELEASE_SETTINGS = {"resolution": DEFAULT_RESOLUTION, "negative_prompt": RELEASE_NEGATIVE_PROMPT,
@@ -212,14 +210,12 @@ class Emu3Policy(Policy):
             raise ValueError("give exactly one of model_name_or_path=... or tiny=True")
         if tiny:
             torch.manual_seed(seed)
-            model, processor = _tiny_emu3()
+            model, processor = toy.tiny_emu3(EOL_TOKEN, EOF_TOKEN)
             resolution = resolution or TINY_RESOLUTION
             if tiny_palette:
-                from policies.tiny import fit_decoder_to_palette
-
                 vq = model.model.vqmodel
                 grid = round(resolution / VQ_SPATIAL_FACTOR)
-                fit_decoder_to_palette(lambda codes: vq.decode(codes.view(-1, grid, grid)), vq.parameters(),
+                toy.fit_decoder_to_palette(lambda codes: vq.decode(codes.view(-1, grid, grid)), vq.parameters(),
                                        vq.config.codebook_size, grid, tiny_palette, steps=200, lr=1e-2, seed=seed)
             model.to(torch_dtype)
         else:
@@ -363,40 +359,3 @@ class Emu3Policy(Policy):
         return images
 
 
-def _tiny_emu3():
-    """A tiny Emu3ForConditionalGeneration (~0.35M parameters), 256 codes.
-
-    Its VQ decoder upsamples by 2 (the release: 8), so the tiny default grid of 4x4 (resolution 32) decodes to 8 px
-    images: a deeper decoder makes the palette fit (tiny_palette) several times slower.
-    """
-    from tokenizers import processors
-    from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3Processor
-
-    from policies.tiny import word_level_tokenizer
-
-    codes = 256
-    visual = [f"<|visual token {k:06d}|>" for k in range(codes)]
-    specials = [EOL_TOKEN, EOF_TOKEN, "<|image start|>", "<|image end|>", "<|image token|>", "<image>",
-                *"0123456789*", *visual]
-    tokenizer = word_level_tokenizer(
-        specials, bos="<|extra_203|>", eos="<|extra_204|>", pad="<|endoftext|>",
-        extra_special={"image_token": "<image>", "boi_token": "<|image start|>", "eoi_token": "<|image end|>",
-                       "image_wrapper_token": "<|image token|>", "eof_token": EOF_TOKEN},
-    )
-    # The released (GPT-style) tokenizer adds no BOS; Emu3Processor writes it into the text.
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
-    config = Emu3Config(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0,
-                         initializer_range=TINY_INIT_STD,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id),
-        vq_config=dict(codebook_size=codes, embed_dim=4, latent_channels=4, base_channels=32, hidden_size=32,
-                       channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[],
-                       temporal_downsample_factor=1),
-        vocabulary_map=tokenizer.get_vocab(),
-        initializer_range=TINY_INIT_STD,
-    )
-    model = Emu3ForConditionalGeneration(config)
-    processor = Emu3Processor(image_processor=Emu3ImageProcessor(), tokenizer=tokenizer)
-    return model, processor

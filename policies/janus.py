@@ -26,14 +26,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from policies import tiny as toy
 from policies.base import Policy, Rollout, SamplingSettings
-
-# Renders the message format of transformers' Janus docs the way the released template does for one user turn.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|User|>: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}"
-    "{{ '\\n\\n' }}{% endfor %}{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
-)
-
 
 class JanusPolicy(Policy):
     name = "janus"
@@ -84,12 +78,10 @@ class JanusPolicy(Policy):
             raise ValueError("give exactly one of model_name_or_path=... or tiny=True")
         if tiny:
             torch.manual_seed(seed)
-            model, processor = _tiny_janus()
+            model, processor = toy.tiny_janus()
             if tiny_palette:
-                from policies.tiny import fit_decoder_to_palette
-
                 vq = model.model.vqmodel
-                fit_decoder_to_palette(vq.decode, vq.parameters(), vq.config.num_embeddings,
+                toy.fit_decoder_to_palette(vq.decode, vq.parameters(), vq.config.num_embeddings,
                                        int(model.config.vision_config.num_image_tokens**0.5), tiny_palette, seed=seed)
             model.to(torch_dtype)
         else:
@@ -184,34 +176,3 @@ class JanusPolicy(Policy):
             images.extend(Image.fromarray(p) for p in pixels)
         return images
 
-def _tiny_janus():
-    """A ~0.5M-parameter JanusForConditionalGeneration: 64 image tokens (8x8), 256 codes, 32 px images."""
-    from transformers import JanusConfig, JanusForConditionalGeneration, JanusImageProcessor, JanusProcessor
-
-    from policies.tiny import word_level_tokenizer
-
-    specials = ["<begin_of_image>", "<end_of_image>", "<image_placeholder>", "<|User|>:", "<|Assistant|>:"]
-    tokenizer = word_level_tokenizer(
-        specials,
-        extra_special={"boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>",
-                       "image_token": "<image_placeholder>"},
-    )
-    hidden, patches = 64, 8
-    config = JanusConfig(
-        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=patches * 4,
-                           patch_size=4, num_image_tokens=patches * patches, projection_dim=hidden, mlp_ratio=2,
-                           depth=1),
-        vq_config=dict(embed_dim=8, num_embeddings=256, latent_channels=32, base_channels=32,
-                       channel_multiplier=[1, 1, 1], num_res_blocks=1, projection_dim=hidden,
-                       image_token_embed_dim=hidden, num_hidden_layers=2),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"),
-    )
-    model = JanusForConditionalGeneration(config)
-    image_processor = JanusImageProcessor(size={"height": patches * 4, "width": patches * 4})
-    processor = JanusProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               chat_template=TINY_CHAT_TEMPLATE, num_image_tokens=patches * patches)
-    return model, processor

@@ -49,162 +49,30 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from policies import tiny as toy
 from policies.base import ImageSample, Policy, Rollout, SamplingSettings, draw_seeds, position_ids_from_mask
+from policies.checkpoints.seed_x import (AGENT_FILE, CONFIG_FILE, DETOKENIZER_FILE, NEGATIVE_FILE, TOKENIZER_DIR,
+                                         is_kv_weight, load_released)
+from policies.modules.seed_x import NUM_IMAGE_TOKENS, OutputResampler, ResamplerXLV2, SeedXConfig
 
 log = logging.getLogger(__name__)
 
 BOI, EOI = "<img>", "</img>"
-NUM_IMAGE_TOKENS = 64
 RELEASED_VOCAB_SIZE = 32330
 RELEASED_IDS = {"<img_00000>": 32000, BOI: 32100, EOI: 32101}
-TOKENIZER_DIR = "cvlm_llama2_tokenizer_100img_and_224loc_addpatch"
-DETOKENIZER_FILE = "seed_detokenizer/first_stage/pytorch_model.bin"
-AGENT_FILE = "agent/pytorch_model.bin"
-NEGATIVE_FILE = "negative_image_embeds.pt"
-CONFIG_FILE = "seed_x_policy.json"
-SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 # Tokens that belong to images, patches and boxes: a plan may not write them (`<img>` ends a plan instead).
 NON_TEXT_PREFIXES = ("<img_", "</img>", "<patch>", "</patch>", "<loc-", "<box_start>", "<box_end>")
 
 
 def image_token(i: int) -> str:
     return f"<img_{i:05d}>"
-
-
-@dataclass
-class SeedXConfig:
-    """Module sizes and decode settings; the defaults are the release's."""
-
-    output_resampler_dim: int = 4096
-    output_resampler_heads: int = 32
-    detokenizer_dim: int = 1024
-    detokenizer_depth: int = 4
-    detokenizer_dim_head: int = 64
-    detokenizer_heads: int = 16
-    prompt_dim_1: int = 768  # CLIP-L part of SDXL's prompt_embeds
-    prompt_dim_2: int = 1280  # OpenCLIP-G part, also the pooled size
-    num_inference_steps: int = 30
-    guidance_scale: float = 7.5
-    image_size: int = 1024
-    prompt_format: str = "instruct"
-
-    def __post_init__(self) -> None:
-        if self.prompt_format not in ("instruct", "caption"):
-            raise ValueError(f"prompt_format must be 'instruct' or 'caption', got {self.prompt_format!r}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Resamplers (our code, the release's parameter names so that its state dicts load as they are)
-
-
-def sincos_2d(dim: int, grid: int) -> Tensor:
-    """Fixed 2-D sin-cos positions [grid*grid, dim]: first half the column index, second the row (MAE / Qwen-VL
-    layout). Only an initial value: the released state dict carries them as `pos_embed`."""
-
-    def one_d(d: int, pos: np.ndarray) -> np.ndarray:
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    w, h = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
-    return torch.from_numpy(np.concatenate([one_d(dim // 2, w), one_d(dim // 2, h)], axis=1)).float()
-
-
-class OutputResampler(nn.Module):
-    """One cross-attention layer: `num_queries` learned queries over the LLM's 64 hidden states."""
-
-    def __init__(self, embed_dim: int, num_heads: int, kv_dim: int, num_queries: int = NUM_IMAGE_TOKENS):
-        super().__init__()
-        grid = int(math.isqrt(num_queries))
-        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid), requires_grad=False)
-        self.query = nn.Parameter(torch.randn(num_queries, embed_dim) * 0.02)
-        self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
-        self.attn = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
-        self.ln_q = nn.LayerNorm(embed_dim)
-        self.ln_kv = nn.LayerNorm(embed_dim)
-
-    def forward(self, x: Tensor) -> Tensor:  # [B, 64, kv_dim] -> [B, Q, embed_dim]
-        if x.shape[1] != self.pos_embed.shape[0]:
-            raise ValueError(f"output resampler expects {self.pos_embed.shape[0]} hidden states, got {x.shape[1]}")
-        x = self.ln_kv(self.kv_proj(x))
-        q = (self.ln_q(self.query) + self.pos_embed).expand(x.shape[0], -1, -1)
-        return self.attn(q, x + self.pos_embed, x, need_weights=False)[0]
-
-
-class PerceiverAttention(nn.Module):
-    def __init__(self, dim: int, dim_head: int, heads: int):
-        super().__init__()
-        self.heads, self.dim_head = heads, dim_head
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, dim_head * heads, bias=False)
-        self.to_kv = nn.Linear(dim, dim_head * heads * 2, bias=False)
-        self.to_out = nn.Linear(dim_head * heads, dim, bias=False)
-
-    def forward(self, x: Tensor, latents: Tensor) -> Tensor:
-        x, latents = self.norm1(x), self.norm2(latents)
-        b, n, _ = latents.shape
-        split = lambda t: t.view(b, -1, self.heads, self.dim_head).transpose(1, 2)  # noqa: E731
-        q = split(self.to_q(latents))
-        k, v = (split(t) for t in self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1))
-        weight = torch.softmax((q @ k.transpose(-2, -1)).float() / math.sqrt(self.dim_head), dim=-1).to(q.dtype)
-        return self.to_out((weight @ v).transpose(1, 2).reshape(b, n, -1))
-
-
-class AttentionPool(nn.Module):
-    """Attention pooling of the latents into one vector (query: their mean), for SDXL's pooled embedding."""
-
-    def __init__(self, seq_len: int, dim: int, heads: int, out_dim: int):
-        super().__init__()
-        self.heads = heads
-        self.positional_embedding = nn.Parameter(torch.randn(seq_len + 1, dim) / dim**0.5)
-        self.k_proj, self.q_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.c_proj = nn.Linear(dim, out_dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding
-        b, n, d = x.shape
-        split = lambda t: t.view(b, -1, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(split(self.q_proj(x[:, :1])), split(self.k_proj(x)), split(self.v_proj(x)))
-        return self.c_proj(out.transpose(1, 2).reshape(b, d))
-
-
-class ResamplerXLV2(nn.Module):
-    """The de-tokenizer's perceiver resampler: 64 x 4096 image features -> SDXL (prompt_embeds, pooled)."""
-
-    def __init__(self, dim: int, depth: int, dim_head: int, heads: int, num_queries: int, embedding_dim: int,
-                 output1_dim: int, output2_dim: int, ff_mult: int = 4):
-        super().__init__()
-        self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
-        self.proj_in = nn.Linear(embedding_dim, dim)
-        self.norm_out = nn.LayerNorm(dim)
-        self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, dim_head, heads),
-                           nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * ff_mult, bias=False), nn.GELU(),
-                                         nn.Linear(dim * ff_mult, dim, bias=False))])
-            for _ in range(depth))
-        self.unet_proj_1 = nn.Linear(dim, output1_dim)
-        self.unet_proj_2 = nn.Linear(dim, output2_dim)
-        self.unet_attnpool = AttentionPool(num_queries, dim, heads, output2_dim)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        latents = self.latents.expand(x.shape[0], -1, -1)
-        x = self.proj_in(F.normalize(x))  # dim=1 (over the 64 tokens), as released
-        for attn, ff in self.layers:
-            latents = attn(x, latents) + latents
-            latents = ff(latents) + latents
-        hidden = self.norm_out(latents)
-        prompt_embeds = torch.cat([self.unet_proj_1(hidden), self.unet_proj_2(hidden)], dim=-1)
-        return prompt_embeds, self.unet_attnpool(hidden)
 
 
 def forced_logprobs(logits: Tensor, forced: Tensor) -> Tensor:
@@ -290,7 +158,8 @@ class SeedXPolicy(Policy):
                      if v is not None}
         if tiny:
             torch.manual_seed(seed)
-            parts = _tiny_parts(overrides)
+            specials = [BOI, EOI] + [image_token(i) for i in range(NUM_IMAGE_TOKENS)] + ["[INST]", "[/INST]"]
+            parts = toy.tiny_seed_x(specials, overrides)
         else:
             parts = load_released(model_name_or_path, tokenizer_path, detokenizer_path, sdxl_path,
                                   negative_embeds_path, overrides)
@@ -312,7 +181,7 @@ class SeedXPolicy(Policy):
         torch.save({f"output_resampler.{k}": v for k, v in self.output_resampler.state_dict().items()},
                    root / AGENT_FILE)
         detok = {f"resampler.{k}": v for k, v in self.resampler.state_dict().items()}
-        detok.update({f"unet.{k}": v for k, v in self.unet.state_dict().items() if _is_kv_weight(k)})
+        detok.update({f"unet.{k}": v for k, v in self.unet.state_dict().items() if is_kv_weight(k)})
         (root / DETOKENIZER_FILE).parent.mkdir(parents=True, exist_ok=True)
         torch.save(detok, root / DETOKENIZER_FILE)
         self.unet.save_pretrained(root / "sdxl" / "unet")
@@ -488,130 +357,3 @@ def check_token_ids(tokenizer, vocab_size: int) -> tuple[int, int, list[int]]:
     return ids[0], ids[1], ids[2:]
 
 
-def _is_kv_weight(key: str) -> bool:
-    return key.endswith(("to_k.weight", "to_v.weight"))
-
-
-def _find(root: Path, relative: str) -> Path | None:
-    for base in (root, root.parent):
-        if (base / relative).exists():
-            return base / relative
-    return None
-
-
-def load_released(model_path: str, tokenizer_path: str | None, detokenizer_path: str | None, sdxl_path: str | None,
-                  negative_embeds_path: str | None, overrides: dict) -> dict:
-    """The pieces of `SeedXPolicy.__init__` from the released layout; every missing piece is named at once."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    root = Path(model_path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"SEED-X folder not found: {root} (hub ids are not supported: download the release "
-                                "and give the variant folder, e.g. SEED-X-17B/seed_x_i)")
-    pieces = {
-        "llm (HF Llama folder)": root / "llm" / "config.json" if (root / "llm" / "config.json").exists() else None,
-        f"agent ({AGENT_FILE})": _find(root, AGENT_FILE),
-        f"tokenizer ({TOKENIZER_DIR}/)": Path(tokenizer_path) if tokenizer_path else _find(root, TOKENIZER_DIR),
-        f"de-tokenizer ({DETOKENIZER_FILE})": Path(detokenizer_path) if detokenizer_path
-        else _find(root, DETOKENIZER_FILE),
-        f"negative branch features ({NEGATIVE_FILE}: the Qwen-VL ViT-G features of an all-zero 448 px image, "
-        "pooled to 64 x 4096)": Path(negative_embeds_path) if negative_embeds_path else _find(root, NEGATIVE_FILE),
-    }
-    missing = [f"{name} under {root} or {root.parent}" for name, p in pieces.items() if p is None or not p.exists()]
-    if missing:
-        raise FileNotFoundError("SEED-X checkpoint is incomplete; missing: " + "; ".join(missing))
-    _, agent_file, tokenizer_dir, detok_file, negative_file = pieces.values()
-
-    config_file = _find(root, CONFIG_FILE)
-    values = json.loads(config_file.read_text()) if config_file else {}
-    unknown = set(values) - {f.name for f in fields(SeedXConfig)}
-    if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)} in {config_file}")
-    config = SeedXConfig(**{**values, **overrides})
-
-    llm = LlamaForCausalLM.from_pretrained(root / "llm")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-
-    output_resampler = OutputResampler(config.output_resampler_dim, config.output_resampler_heads,
-                                       llm.config.hidden_size)
-    _load_prefixed(output_resampler, torch.load(agent_file, map_location="cpu", weights_only=True),
-                   "output_resampler.", agent_file)
-
-    detok = torch.load(detok_file, map_location="cpu", weights_only=True)
-    resampler = ResamplerXLV2(config.detokenizer_dim, config.detokenizer_depth, config.detokenizer_dim_head,
-                              config.detokenizer_heads, NUM_IMAGE_TOKENS, config.output_resampler_dim,
-                              config.prompt_dim_1, config.prompt_dim_2)
-    _load_prefixed(resampler, detok, "resampler.", detok_file)
-
-    sdxl = sdxl_path or (str(root / "sdxl") if (root / "sdxl").is_dir() else SDXL_BASE)
-    unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(sdxl, subfolder="vae")
-    scheduler = EulerDiscreteScheduler.from_pretrained(sdxl, subfolder="scheduler")
-    unet_weights = {k[len("unet."):]: v for k, v in detok.items() if k.startswith("unet.")}
-    unet_keys = set(unet.state_dict())
-    unexpected = sorted(set(unet_weights) - unet_keys)
-    missing_kv = sorted(k for k in unet_keys if _is_kv_weight(k) and k not in unet_weights)
-    if unexpected or missing_kv:
-        raise ValueError(f"{detok_file}: UNet keys do not match the SDXL UNet at {sdxl}: "
-                         f"unexpected {unexpected[:3]}, missing fine-tuned to_k/to_v {missing_kv[:3]} "
-                         f"({len(unexpected)} / {len(missing_kv)} in all)")
-    unet.load_state_dict(unet_weights, strict=False)
-
-    negative = torch.load(negative_file, map_location="cpu", weights_only=True).float()
-    if negative.shape != (NUM_IMAGE_TOKENS, config.output_resampler_dim):
-        raise ValueError(f"{negative_file}: expected [{NUM_IMAGE_TOKENS}, {config.output_resampler_dim}] "
-                         f"negative features, got {list(negative.shape)}")
-    return dict(llm=llm, tokenizer=tokenizer, output_resampler=output_resampler, resampler=resampler, unet=unet,
-                vae=vae, scheduler=scheduler, negative_vit_embeds=negative, config=config)
-
-
-def _load_prefixed(module: nn.Module, state: dict, prefix: str, source: Path) -> None:
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{source}: keys under {prefix!r} do not match: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]} ({len(missing)} / {len(unexpected)} in all)")
-    module.load_state_dict(weights)
-
-
-def _tiny_parts(overrides: dict) -> dict:
-    """A tiny SEED-X of the real architectures: 2-layer LLaMA (hidden 64), the two resamplers, an SDXL-type UNet
-    (text_time conditioning), a 2-block VAE; 16 px images in 2 Euler steps."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from policies.tiny import word_level_tokenizer
-
-    specials = [BOI, EOI] + [image_token(i) for i in range(NUM_IMAGE_TOKENS)] + ["[INST]", "[/INST]"]
-    tokenizer = word_level_tokenizer(specials)
-    hidden = 64
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128,
-                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                       pad_token_id=tokenizer.pad_token_id, initializer_range=0.2))
-    config = SeedXConfig(output_resampler_dim=32, output_resampler_heads=4, detokenizer_dim=32, detokenizer_depth=1,
-                         detokenizer_dim_head=8, detokenizer_heads=4, prompt_dim_1=8, prompt_dim_2=16,
-                         num_inference_steps=2, image_size=16, **overrides)
-    output_resampler = OutputResampler(config.output_resampler_dim, config.output_resampler_heads, hidden)
-    resampler = ResamplerXLV2(config.detokenizer_dim, config.detokenizer_depth, config.detokenizer_dim_head,
-                              config.detokenizer_heads, NUM_IMAGE_TOKENS, config.output_resampler_dim,
-                              config.prompt_dim_1, config.prompt_dim_2)
-    time_dim = 8
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 1),
-        cross_attention_dim=config.prompt_dim_1 + config.prompt_dim_2, addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + config.prompt_dim_2)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
-                        latent_channels=4, sample_size=16, scaling_factor=0.13025)
-    # SDXL base's scheduler config
-    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                       beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
-                                       prediction_type="epsilon")
-    negative = torch.randn(NUM_IMAGE_TOKENS, config.output_resampler_dim)
-    return dict(llm=llm, tokenizer=tokenizer, output_resampler=output_resampler, resampler=resampler, unet=unet,
-                vae=vae, scheduler=scheduler, negative_vit_embeds=negative, config=config)

@@ -12,17 +12,8 @@ import re
 import numpy as np
 
 from rewards.base import Reward
+from rewards.palette import COLORS
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 180, 60),
-    "blue": (30, 60, 220),
-    "yellow": (235, 215, 40),
-    "white": (245, 245, 245),
-    "black": (15, 15, 15),
-    "purple": (140, 50, 170),
-    "orange": (245, 140, 30),
-}
 
 
 def named_color(prompt: str, palette: dict[str, tuple[int, int, int]] = COLORS) -> str | None:

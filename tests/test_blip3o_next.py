@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import policies
 from conftest import reward_rise, run_tiny_grpo
-from policies.blip3o_next import flow_sigmas
+from policies.modules.sana_decoder import flow_scheduler
 
 PROMPTS = ["a red image", "a photo of two dogs next to a blue car on the left"]
 
@@ -102,7 +102,9 @@ def test_euler_loop_matches_diffusers_flow_match_scheduler(tiny, shift):
     noise = torch.randn(2, *decoder.latent_shape)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     scheduler.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps))
-    assert np.allclose(scheduler.sigmas.numpy(), flow_sigmas(steps, shift), atol=1e-6)
+    # the release's sigmas: linspace(1, 1/steps), shifted, then 0
+    release = [shift * s / (1 + (shift - 1) * s) for s in np.linspace(1.0, 1 / steps, steps)] + [0.0]
+    assert np.allclose(flow_scheduler(steps, shift).sigmas.numpy(), release, atol=1e-6)
     with torch.no_grad():
         context = decoder.connector(torch.cat([torch.zeros_like(hidden), hidden]))
         latents = noise.clone()

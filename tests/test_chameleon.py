@@ -9,7 +9,9 @@ from transformers.models.chameleon.configuration_chameleon import ChameleonVQVAE
 import policies
 from policies.base import position_ids_from_mask
 from conftest import PROMPTS, reward_rise, run_tiny_grpo
-from policies.chameleon import VQGANDecoder, _image_token_name, load_vqgan_decoder, save_vqgan_decoder
+from policies.chameleon import _image_token_name
+from policies.checkpoints.vqgan import load_vqgan_decoder, save_vqgan_decoder
+from policies.modules.vqgan import VQGANDecoder
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 import policies
 from conftest import PROMPTS, reward_rise, run_tiny_grpo

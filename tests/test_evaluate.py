@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from grpo_img.data import PromptRecord, load_prompts
+from grpo_img.data import PromptRecord
 from grpo_img.evaluate import build_benchmark, evaluate, load_policy, main, summarize
 
 PROMPTS = [{"prompt": "a red image", "task": "red"}, {"prompt": "a blue image", "task": "blue"},

@@ -98,10 +98,10 @@ def test_fsdp_two_processes_match_one_process(tmp_path, data_parallel_ranks):
 
     from peft import PeftModel
 
-    from policies.janus import _tiny_janus
+    from policies.tiny import tiny_janus
 
     adapter = tmp_path / "run" / "adapter"
-    loaded = dict(PeftModel.from_pretrained(_tiny_janus()[0], str(adapter)).base_model.model.named_parameters())
+    loaded = dict(PeftModel.from_pretrained(tiny_janus()[0], str(adapter)).base_model.model.named_parameters())
     saved = [n for n in trained if "lora_" in n or "modules_to_save" in n]
     assert any("lora_B" in n for n in saved) and any("generation_head" in n for n in saved)
     for name in saved:

@@ -18,6 +18,9 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from policies.janus import JanusPolicy
+from policies.tiny import JANUS_CHAT_TEMPLATE, word_level_tokenizer
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sizes. Text dimensions as in the released configs; a benchmark never needs the real tokenizer, so prompts go
 # through the tiny word-level tokenizer (its ids are a subset of the real vocabulary).
@@ -74,8 +77,6 @@ def build_janus_size(size: str, device: str, dtype: torch.dtype, compile_decode:
     """A JanusPolicy of a named size with random weights, built on `device` in `dtype`; refuses if it cannot fit."""
     from transformers import JanusForConditionalGeneration, JanusImageProcessor, JanusProcessor
 
-    from policies.janus import JanusPolicy
-    from policies.tiny import JANUS_CHAT_TEMPLATE, word_level_tokenizer
 
     if size not in JANUS_SIZES:
         raise SystemExit(f"unknown size {size!r} for janus; known: {', '.join(JANUS_SIZES)}")
@@ -96,9 +97,7 @@ def build_janus_size(size: str, device: str, dtype: torch.dtype, compile_decode:
     processor = JanusProcessor(image_processor=JanusImageProcessor(size={"height": side, "width": side}),
                                tokenizer=tokenizer, chat_template=JANUS_CHAT_TEMPLATE,
                                num_image_tokens=config.vision_config.num_image_tokens)
-    policy = JanusPolicy(model, processor)
-    policy.static_cache = policy.compile_decode = False
-    return policy
+    return JanusPolicy(model, processor)
 
 
 def check_fits(weight_bytes: int, device: str, what: str, headroom: float = 1.3) -> None:

@@ -13,7 +13,6 @@ timing the first and the last around the trainer's calls. Peak memory is over th
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import tempfile
 import time
@@ -23,8 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch
 from accelerate import Accelerator
-from transformers import get_scheduler
-from trl.trainer.utils import disable_dropout_in_model
 
 import policies
 import rewards
@@ -32,7 +29,24 @@ from benchmarks.common import PeakMemory, machine_name, sync
 from benchmarks.rollout import FAMILIES, PROMPTS
 from grpo_img.config import load_config
 from grpo_img.data import PromptRecord
-from grpo_img.trainer import RunState, grpo_step
+from grpo_img.trainer import RunState, build_optimizer, grpo_step, setup_policy
+
+
+def time_scoring_forward(policy, rollout, config, accelerator, device) -> float:
+    """Seconds of the step's scoring forwards, measured again in a separate pass over the same micro-batches (with
+    grad, as in the update; the reference pass without), so the trainer's step itself is timed untouched."""
+    micro = config.per_device_train_batch_size
+    sync(device)
+    start = time.perf_counter()
+    with accelerator.autocast():
+        for i in range(0, len(rollout), micro):
+            policy.token_logprobs(rollout.select(slice(i, i + micro)), config.cfg_mode, return_entropy=True)
+        if config.beta != 0.0:
+            with torch.no_grad(), policy.reference():
+                for i in range(0, len(rollout), micro):
+                    policy.token_logprobs(rollout.select(slice(i, i + micro)), config.cfg_mode)
+    sync(device)
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
             "report_to_tensorboard": "false"})
     accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu")
 
-    # The trainer's setup_policy, with the model built by size where asked.
+    # The trainer's own builders, with the model built by size where asked.
     if args.size is None:
         policy = policies.build(args.policy, tiny=True)
     else:
@@ -80,53 +94,28 @@ def main(argv: list[str] | None = None) -> dict:
         if args.size not in family.sizes:
             raise SystemExit(f"unknown --size {args.size!r}; known: {', '.join(family.sizes)}")
         policy = family.build_size(args.size, str(device), torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if args.static_cache or args.compile:
-        policy.static_cache, policy.compile_decode = True, args.compile
-    policy.validate_for_training()
-    policy.add_lora(r=config.lora_r, alpha=config.lora_alpha, dropout=0.0, train_image_heads=True)
-    disable_dropout_in_model(policy.model)
-    if args.gradient_checkpointing:
-        policy.enable_gradient_checkpointing()
-    policy.to(device)
-
-    adapter, heads = policy.trainable_parameters()
-    optimizer = torch.optim.AdamW([g for g in ({"params": adapter}, {"params": heads}) if g["params"]],
-                                  lr=config.learning_rate)
-    scheduler = get_scheduler("constant", optimizer)
+    policy.set_decoding(static_cache=args.static_cache, compile_decode=args.compile)
+    policy = setup_policy(config, device, policy)
+    optimizer, scheduler = build_optimizer(policy, config)
     optimizer = accelerator.prepare_optimizer(optimizer)
     reward_fn = rewards.build_composite(config.rewards)
     batch = [PromptRecord(PROMPTS[i % len(PROMPTS)], {"color": "red"}) for i in range(args.prompts)]
-
-    # Time the scoring forwards and the optimizer around the trainer's own calls.
-    timers = {"forward": 0.0, "optimizer": 0.0}
-
-    def timing(key, fn):
-        @functools.wraps(fn)
-        def wrapper(*a, **k):
-            sync(device)
-            start = time.perf_counter()
-            out = fn(*a, **k)
-            sync(device)
-            timers[key] += time.perf_counter() - start
-            return out
-        return wrapper
-
-    policy.token_logprobs = timing("forward", policy.token_logprobs)
-    optimizer.step = timing("optimizer", optimizer.step)
 
     state = RunState()
     splits = []
     with PeakMemory(device) as memory:
         for step in range(args.steps + 1):
-            timers.update(forward=0.0, optimizer=0.0)
-            metrics, *_ = grpo_step(step, policy, reward_fn, batch, optimizer, scheduler, config, accelerator, state)
+            metrics, rollout, *_ = grpo_step(step, policy, reward_fn, batch, optimizer, scheduler, config,
+                                             accelerator, state)
             if step > 0:  # the first step warms up allocators (and compiles, with --compile)
+                forward = time_scoring_forward(policy, rollout, config, accelerator, device)
                 splits.append(dict(
                     sample=metrics["sample_seconds"], decode=metrics["decode_seconds"],
-                    reward=metrics["reward_seconds"], scoring_forward=timers["forward"],
-                    backward=metrics["update_seconds"] - timers["forward"] - timers["optimizer"],
-                    optimizer=timers["optimizer"], step=metrics["step_seconds"]))
+                    reward=metrics["reward_seconds"], scoring_forward=forward,
+                    backward=metrics["update_seconds"] - forward - metrics["optimizer_seconds"],
+                    optimizer=metrics["optimizer_seconds"], step=metrics["step_seconds"]))
     mean = {k: sum(s[k] for s in splits) / len(splits) for k in splits[0]}
+    adapter, heads = policy.trainable_parameters()
 
     params = sum(p.numel() for p in policy.model.parameters())
     trainable = sum(p.numel() for p in adapter + heads)

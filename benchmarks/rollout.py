@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 
 import policies
+from policies.base import Stream, process_logits, sample_from_logits
 from benchmarks.common import (
     JANUS_SIZES,
     build_janus_size,
@@ -83,8 +84,6 @@ def janus_two_pass_sample(policy, prompts: list[str], group_size: int, settings:
                           generator: torch.Generator | None) -> torch.Tensor:
     """Ablation: the engine's loop with the conditional and unconditional rows as two streams (two KV caches, two
     LM calls per token) instead of one batch. Same distribution; only the batching differs."""
-    from policies.base import Stream, process_logits, sample_from_logits
-
     ids, mask = policy.encode_prompts(prompts)
     n, steps = len(prompts) * group_size, policy.num_image_tokens
     rows = [ids, policy.unconditional_ids(ids)] if settings.uses_cfg else [ids]
@@ -190,18 +189,11 @@ class Family:
     sizes: dict = field(default_factory=dict)
     # name -> (policy, prompts, group_size, settings, generator) -> tokens; same distribution as sample
     ablations: dict = field(default_factory=dict)
-    # sample() options that switch on the static-cache / compiled decode path: (policy, compile) -> None
-    set_fast_path: Callable | None = None
-
-
-def _janus_fast_path(policy, compile_decode: bool) -> None:
-    policy.static_cache, policy.compile_decode = True, compile_decode
 
 
 FAMILIES: dict[str, Family] = {
     "janus": Family(generate=janus_generate, step_bytes=janus_step_bytes, build_size=build_janus_size,
-                    sizes=JANUS_SIZES, ablations={"cfg_two_passes": janus_two_pass_sample},
-                    set_fast_path=_janus_fast_path),
+                    sizes=JANUS_SIZES, ablations={"cfg_two_passes": janus_two_pass_sample}),
     "emu3": Family(generate=emu3_generate, step_bytes=emu3_step_bytes),
     "blip3o_next": Family(generate=blip3o_next_generate, step_bytes=causal_lm_step_bytes),
     # chameleon: no `generate` baseline exists. transformers' Chameleon forward sets every image-token logit to
@@ -262,29 +254,28 @@ def main(argv: list[str] | None = None) -> dict:
         return torch.Generator(device).manual_seed(args.seed)
 
     def plain_sample() -> Rollout:
-        policy.static_cache = policy.compile_decode = False
+        policy.set_decoding(static_cache=False)
         return policy.sample(prompts, args.group, generator=gen(), **knobs)
 
     methods: dict[str, Callable[[], object]] = {
         "generate": lambda: family.generate(policy, prompts, args.group, settings, args.seed),
         "sample": plain_sample,
     }
-    if family.set_fast_path is not None:
-        compiled = args.compile and device.type == "cuda"
+    compiled = args.compile and device.type == "cuda"
 
-        def fast_sample() -> Rollout:
-            family.set_fast_path(policy, compiled)
-            try:
-                return policy.sample(prompts, args.group, generator=gen(), **knobs)
-            finally:
-                policy.static_cache = policy.compile_decode = False
+    def fast_sample() -> Rollout:  # the engine's static-cache (and, on CUDA, compiled) decode loop
+        policy.set_decoding(static_cache=True, compile_decode=compiled)
+        try:
+            return policy.sample(prompts, args.group, generator=gen(), **knobs)
+        finally:
+            policy.set_decoding(static_cache=False)
 
-        methods["sample_static" + ("_compiled" if compiled else "")] = fast_sample
+    methods["sample_static" + ("_compiled" if compiled else "")] = fast_sample
     if args.ablations:
         repeated = [p for p in prompts for _ in range(args.group)]
 
         def prefill_per_sample() -> Rollout:  # every sample its own copy of the prompt: no shared prefill
-            policy.static_cache = policy.compile_decode = False
+            policy.set_decoding(static_cache=False)
             return policy.sample(repeated, 1, generator=gen(), **knobs)
 
         methods["sample_prefill_per_sample"] = prefill_per_sample

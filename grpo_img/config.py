@@ -19,7 +19,11 @@ from pathlib import Path
 
 import yaml
 
+import policies
+import rewards
 from grpo_img.loss import LOSS_TYPES, SCALE_REWARDS
+from policies.base import SamplingSettings
+from policies.plan import PlanSettings
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_tiny.yaml"
 
@@ -137,9 +141,6 @@ class GRPOImgConfig:
         for name in ("max_steps", "num_iterations", "per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        import policies
-        import rewards
-
         if self.policy not in policies.available():
             raise ValueError(f"unknown policy {self.policy!r}; available: {', '.join(policies.available())}")
         for entry in self.rewards:
@@ -164,16 +165,12 @@ class GRPOImgConfig:
             raise ValueError("train_image_tokens: false leaves nothing to train without a plan (set plan: true)")
         if self.plan:
             self.plan_settings()  # validates the plan fields
-        from policies.base import SamplingSettings
-
         SamplingSettings().override(self.cfg_scale, self.temperature, self.top_k, self.top_p)  # validates the ranges
 
     def plan_settings(self):
         """The think-then-draw settings, or None when it is off."""
         if not self.plan:
             return None
-        from policies.plan import PlanSettings
-
         return PlanSettings(max_tokens=self.plan_max_tokens, temperature=self.plan_temperature, top_k=self.plan_top_k,
                             top_p=self.plan_top_p, end_marker=self.plan_end_marker,
                             instruction=self.plan_instruction, train_plan=self.train_plan,

@@ -33,8 +33,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+import policies
+import rewards
 from grpo_img.data import PromptRecord, load_prompts
 from grpo_img.reporting import image_grid
+from rewards.base import score_with_isolation
+from rewards.geneval import GenEvalReward
+from rewards.geneval_prompts import generate_geneval_prompts
+from rewards.ocr import OCRReward
 
 log = logging.getLogger("grpo_img.evaluate")
 
@@ -247,8 +253,6 @@ def write_task_grids(out: Path, results: list[dict], headline: str, num_images: 
 def reward_benchmark(specs: list[dict] | str, records: list[PromptRecord]) -> Benchmark:
     """Any registered reward(s) as metrics: `specs` is a reward name or a list of {name, **options}. Each image
     gets one metric per reward (named after it); the headline is the first."""
-    import rewards
-
     if isinstance(specs, str):
         specs = [{"name": specs}]
     built = []
@@ -259,8 +263,6 @@ def reward_benchmark(specs: list[dict] | str, records: list[PromptRecord]) -> Be
         built.append((name, rewards.build(name, **spec)))
 
     def scorer(images, records):
-        from grpo_img.trainer import score_with_isolation
-
         prompts, metadata = [r.prompt for r in records], [r.metadata for r in records]
         columns = {name: score_with_isolation(reward, images, prompts, metadata)[0].tolist()
                    for name, reward in built}
@@ -278,13 +280,9 @@ def geneval_benchmark(records: list[PromptRecord] | None = None, evaluator=None,
     (default: `rewards.geneval.GenEvalReward(**reward_options)`). Per image: `correct` (0/1, the strict rule),
     `score` (the dense score) and the `reason`. Overall = unweighted mean of the task means of `correct`."""
     if records is None:
-        from rewards.geneval_prompts import generate_geneval_prompts
-
         records = [PromptRecord(m["prompt"], {k: v for k, v in m.items() if k != "prompt"})
                    for m in generate_geneval_prompts(seed=0)]
     if evaluator is None:
-        from rewards.geneval import GenEvalReward
-
         evaluator = GenEvalReward(**reward_options)
     for n, record in enumerate(records):
         if record.metadata.get("tag") not in GENEVAL_TASKS:
@@ -323,8 +321,6 @@ def ocr_benchmark(records: list[PromptRecord] | None = None, reward=None, **rewa
     anything with `read(images, prompts, metadata) -> [OCRResult]` (default `rewards.ocr.OCRReward`)."""
     records = records if records is not None else ocr_prompts()
     if reward is None:
-        from rewards.ocr import OCRReward
-
         reward = OCRReward(**reward_options)
 
     def scorer(images, records):
@@ -342,8 +338,6 @@ def ocr_benchmark(records: list[PromptRecord] | None = None, reward=None, **rewa
 
 def load_policy(name: str, options: dict, adapter: str | None = None, device: str | None = None):
     """A policy by registry name, with a LoRA adapter (a `save_pretrained` folder, e.g. runs/x/adapter) on top."""
-    import policies
-
     policy = policies.build(name, **options)
     if adapter is not None:
         from peft import PeftModel

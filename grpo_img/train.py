@@ -10,6 +10,9 @@ import argparse
 import logging
 import sys
 
+from grpo_img.config import load_config
+from grpo_img.trainer import train
+
 
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,9 +38,6 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from grpo_img.config import load_config
-    from grpo_img.trainer import train
-
     args, overrides = parse_args(argv)
     try:
         config = load_config(args.config, overrides)

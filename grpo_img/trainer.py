@@ -24,13 +24,14 @@ import rewards
 from grpo_img.checkpoint import find_checkpoint, load_adapter, load_trainer_state, save_checkpoint
 from grpo_img.config import GRPOImgConfig, save_config
 from grpo_img.data import PromptRecord, PromptSchedule, load_prompts
+from grpo_img.evaluate import Sampling, evaluate, reward_benchmark
 from grpo_img.loss import LossNormalizer, group_advantages, grpo_loss
 from grpo_img.reporting import MetricsLog, image_grid, plot_reward_curve, read_metrics
-from grpo_img.sharding import (FSDPSettings, clip_grad_norm, fsdp_settings, full_optimizer_state,
-                               full_trainable_state, is_sharded, kept_gathered, load_full_optimizer_state,
-                               shard_policy)
+from grpo_img.distributed import (broadcast_trainable, check_distributed_type, gather_for_saving, shard_for_training,
+                                  sync_gradients)
+from grpo_img.sharding import clip_grad_norm, kept_gathered, load_full_optimizer_state
 from policies.base import Policy, Rollout
-from rewards.base import Reward, score_isolated
+from rewards.base import Reward, score_with_isolation
 
 log = logging.getLogger("grpo_img")
 
@@ -107,7 +108,7 @@ def grpo_step(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sums = {"loss": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0, "gap_sum": 0.0,
             "grad_norm": 0.0}
-    updates, skipped = 0, 0
+    updates, skipped, optimizer_seconds = 0, 0, 0.0
     for _ in range(config.num_iterations):
         for window in range(updates_per_rollout):
             rows = [torch.arange(start_row, start_row + micro, device=device)
@@ -123,8 +124,10 @@ def grpo_step(
                 grad_norm = clip_grad_norm(params, config.max_grad_norm)  # sharded or not
                 finite = bool(torch.isfinite(grad_norm))
             if finite:
+                t_optimizer = time.perf_counter()
                 optimizer.step()
                 scheduler.step()
+                optimizer_seconds += time.perf_counter() - t_optimizer
                 updates += 1
                 sums["loss"] += total_loss.item() / accelerator.num_processes  # the loss of all processes' window
                 sums["grad_norm"] += grad_norm.item()
@@ -170,6 +173,7 @@ def grpo_step(
         "decode_seconds": t_decode - t_sample,
         "reward_seconds": t_reward - t_decode,
         "update_seconds": end - t_reward,
+        "optimizer_seconds": optimizer_seconds,
     }
     for part, scores in getattr(reward_fn, "last_parts", {}).items():
         values = torch.tensor(scores, dtype=torch.float32)
@@ -213,93 +217,16 @@ def window_backward(policy: Policy, rollout: Rollout, rows: list[torch.Tensor], 
     return window_loss
 
 
-def sync_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
-    """Average gradients over processes. Explicit, because policies call their submodules directly (the
-    language model, the image head, ...), so a DDP wrapper's backward hooks would never fire.
-
-    One all-reduce over a flat buffer of every gradient (a per-tensor all-reduce would be hundreds of small calls
-    for a LoRA adapter). A parameter that got a gradient on some processes but not on others takes part with zeros
-    there; one that got none anywhere keeps no gradient, as in a single process. Parameters sharded by FSDP
-    (DTensors, see grpo_img/sharding.py) are left out: FSDP has already reduce-scattered their averaged gradients."""
-    params = [p for p in params if not is_sharded(p)]
-    if accelerator.num_processes == 1 or not params:
-        return
-    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=accelerator.device)
-    has_grad = accelerator.reduce(has_grad, "sum") > 0
-    synced = [p for p, flag in zip(params, has_grad.tolist()) if flag]
-    if not synced:
-        return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in synced])
-    flat = accelerator.reduce(flat, "mean")
-    offset = 0
-    for p in synced:
-        p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
-        offset += p.numel()
-
-
-def check_distributed_type(accelerator: Accelerator) -> FSDPSettings | None:
-    """The sharding this launch asks for: FSDP settings (grpo_img/sharding.py), or None for data-parallel.
-    DeepSpeed is refused: see README, "Many processes"."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise NotImplementedError(
-            "accelerate is configured for DeepSpeed, which this trainer does not support: DeepSpeed needs the model "
-            "and optimizer passed through accelerator.prepare together and its engine for backward and the "
-            "optimizer step (and ZeRO-3 gathers weights in hooks on the engine's forward, which the policies "
-            "bypass by calling their submodules directly). Use configs/accelerate/fsdp.yaml to shard the model, "
-            "or a DDP config (ddp.yaml, multi_node_ddp.yaml); see README, 'Many processes'.")
-    return fsdp_settings(accelerator)
-
-
-def broadcast_trainable(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
-    """Copy process 0's trainable weights to every process. All processes seed identically, so this changes
-    nothing when the policy builds deterministically; it guards against a policy whose set-up does not."""
-    if accelerator.num_processes == 1:
-        return
-    import torch.distributed as dist
-
-    with torch.no_grad():
-        for p in params:
-            dist.broadcast(p.data, src=0)
-
-
-def shard_for_training(policy: Policy, sharding: FSDPSettings | None, accelerator: Accelerator) -> None:
-    """Under FSDP, shard the policy's decoder layers (after `broadcast_trainable`, before the optimizer is built:
-    sharding replaces the layers' parameters)."""
-    if sharding is None:
-        return
-    count = shard_policy(policy, sharding, accelerator.device)
-    log.info("FSDP: %d decoder layers sharded over %d processes (reshard_after_forward=%s)", count,
-             accelerator.num_processes, sharding.reshard_after_forward)
-
-
-def gather_for_saving(policy: Policy, optimizer, sharding: FSDPSettings | None) -> tuple[dict | None, dict | None]:
-    """Under FSDP, the full trainable weights and optimizer state for process 0 to write (collective: every
-    process calls it); (None, None) otherwise, where process 0 already holds everything."""
-    if sharding is None:
-        return None, None
-    return full_trainable_state(policy.peft_model), full_optimizer_state(policy.peft_model, optimizer)
-
-
-def score_with_isolation(reward_fn: Reward, images, prompts, metadata) -> tuple[torch.Tensor, int]:
-    """Rewards as a float tensor, NaN where a sample has no score, and how many have none (see score_isolated)."""
-    scores, errors = score_isolated(reward_fn, images, prompts, metadata)
-    failures = sum(e is not None for e in errors)
-    if failures:
-        log.warning("%d of %d sample(s) unscored, left out of the loss; first reason: %s", failures, len(errors),
-                    next(e for e in errors if e is not None))
-    return torch.tensor(scores, dtype=torch.float32), failures
-
-
 def _score_all(policy: Policy, rollout: Rollout, cfg_mode: str, micro_batch: int) -> torch.Tensor:
     parts = [policy.token_logprobs(rollout.select(slice(i, i + micro_batch)), cfg_mode).float()
              for i in range(0, len(rollout), micro_batch)]
     return torch.cat(parts)
 
 
-def setup_policy(config: GRPOImgConfig, device: torch.device) -> Policy:
-    policy = policies.build(config.policy, **config.policy_options)
+def setup_policy(config: GRPOImgConfig, device: torch.device, policy: Policy | None = None) -> Policy:
+    """The configured policy (or `policy`, already built, e.g. at a benchmark size) made ready to train: plan,
+    LoRA adapter, no dropout, gradient checkpointing, on `device`."""
+    policy = policy if policy is not None else policies.build(config.policy, **config.policy_options)
     if config.plan:
         policy.set_plan(config.plan_settings())
     policy.validate_for_training()  # e.g. SEED-X without a plan: every image token is forced, nothing to train
@@ -309,6 +236,19 @@ def setup_policy(config: GRPOImgConfig, device: torch.device) -> Policy:
     if config.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     return policy.to(device)
+
+
+def build_optimizer(policy: Policy, config: GRPOImgConfig) -> tuple[torch.optim.Optimizer, object]:
+    """AdamW over the adapter and the image heads (each at its own learning rate) and its learning-rate schedule."""
+    adapter_params, head_params = policy.trainable_parameters()
+    param_groups = [{"params": adapter_params, "lr": config.learning_rate},
+                    {"params": head_params, "lr": config.image_heads_learning_rate or config.learning_rate}]
+    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]],
+                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
+    updates_per_step = config.num_iterations * config.steps_per_generation // config.gradient_accumulation_steps
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
+                              num_training_steps=config.max_steps * updates_per_step)
+    return optimizer, scheduler
 
 
 def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
@@ -342,13 +282,7 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     adapter_params, head_params = policy.trainable_parameters()
     log.info("policy %s: %d trainable parameters of %d", config.policy,
              sum(p.numel() for p in adapter_params + head_params), sum(p.numel() for p in policy.model.parameters()))
-    param_groups = [{"params": adapter_params, "lr": config.learning_rate},
-                    {"params": head_params, "lr": config.image_heads_learning_rate or config.learning_rate}]
-    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]],
-                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
-    updates_per_step = config.num_iterations * config.steps_per_generation // config.gradient_accumulation_steps
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
-                              num_training_steps=config.max_steps * updates_per_step)
+    optimizer, scheduler = build_optimizer(policy, config)
     optimizer = accelerator.prepare_optimizer(optimizer)
 
     state, start_step = RunState(), 0
@@ -410,8 +344,6 @@ def setup_evaluation(config: GRPOImgConfig):
     """The held-out benchmark for eval_steps (None when evaluation is off)."""
     if not config.eval_steps:
         return None
-    from grpo_img.evaluate import reward_benchmark
-
     return reward_benchmark(config.eval_rewards or config.rewards, load_prompts(config.eval_prompts,
                                                                                  config.prompt_column))
 
@@ -419,8 +351,6 @@ def setup_evaluation(config: GRPOImgConfig):
 def run_evaluation(policy: Policy, benchmark, config: GRPOImgConfig) -> dict:
     """eval/METRIC (mean over all images) and, with several tasks, eval/TASK/METRIC. Same seed at every
     evaluation, so the curve compares the policy on the same draws of noise."""
-    from grpo_img.evaluate import Sampling, evaluate
-
     start = time.perf_counter()
     report = evaluate(policy, benchmark, None, num_images=config.eval_num_images,
                       prompts_per_batch=max(1, config.per_device_train_batch_size // config.eval_num_images),

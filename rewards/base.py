@@ -12,6 +12,7 @@ import math
 import numbers
 from abc import ABC, abstractmethod
 
+import torch
 from PIL import Image
 
 log = logging.getLogger("rewards")
@@ -116,3 +117,13 @@ class WeightedSum(Reward):
             self.last_failures[part_name] = sum(e is not None for e in errors)
             total = [t + weight * s for t, s in zip(total, scores)]
         return total
+
+
+def score_with_isolation(reward_fn: Reward, images, prompts, metadata) -> tuple[torch.Tensor, int]:
+    """Rewards as a float tensor, NaN where a sample has no score, and how many have none (see score_isolated)."""
+    scores, errors = score_isolated(reward_fn, images, prompts, metadata)
+    failures = sum(e is not None for e in errors)
+    if failures:
+        log.warning("%d of %d sample(s) unscored, left out of the loss; first reason: %s", failures, len(errors),
+                    next(e for e in errors if e is not None))
+    return torch.tensor(scores, dtype=torch.float32), failures

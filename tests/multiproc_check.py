@@ -54,8 +54,9 @@ def fixed_batch(accelerator) -> dict:
     import rewards
     from grpo_img.loss import group_advantages
     from grpo_img.sharding import full_tensor, kept_gathered
-    from grpo_img.trainer import (check_distributed_type, score_with_isolation, setup_policy, shard_for_training,
-                                  sync_gradients, window_backward)
+    from grpo_img.distributed import check_distributed_type, shard_for_training, sync_gradients
+    from grpo_img.trainer import setup_policy, window_backward
+    from rewards.base import score_with_isolation
 
     rank, world = accelerator.process_index, accelerator.num_processes
     config = check_config(world, "unused")
@@ -136,7 +137,7 @@ def trained_parameters(output_dir: str, resume: str | None = None,
 def main(out: str) -> None:
     from accelerate import Accelerator
 
-    from grpo_img.trainer import check_distributed_type
+    from grpo_img.distributed import check_distributed_type
 
     accelerator = Accelerator()
     fsdp = check_distributed_type(accelerator) is not None

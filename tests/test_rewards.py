@@ -82,7 +82,7 @@ def test_a_failing_part_costs_only_its_samples_and_is_counted():
     ([1.0, [0.5]], r"returned \[0.5\] \(list\)"),
 ])
 def test_contract_breaches_are_a_clear_error_not_a_failure(values, message):
-    from grpo_img.trainer import score_with_isolation
+    from rewards.base import score_with_isolation
 
     composite = rewards.WeightedSum({"bad": (Returns(values), 1.0)})
     with pytest.raises(RewardContractError, match=message):

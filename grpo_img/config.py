@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import json
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +26,29 @@ from grpo_img.loss import LOSS_TYPES, SCALE_REWARDS
 from policies.base import SamplingSettings
 from policies.plan import PlanSettings
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_tiny.yaml"
+DEMO_CONFIG = "demo_tiny"
+
+
+def shipped_configs_dir() -> Path:
+    """The shipped configs: the repository's configs/ (a checkout, an editable install) or the installed
+    grpo_img.configs package (a wheel)."""
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    if (checkout / f"{DEMO_CONFIG}.yaml").is_file():
+        return checkout
+    return Path(str(importlib.resources.files("grpo_img.configs")))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file path, or the name of a shipped config (`janus_pro_7b`, `janus_pro_7b.yaml`)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.parent == Path("."):
+        shipped = shipped_configs_dir() / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+        if shipped.is_file():
+            return shipped
+    names = sorted(p.stem for p in shipped_configs_dir().glob("*.yaml"))
+    raise FileNotFoundError(f"config file not found: {path} (shipped configs, by name: {', '.join(names)})")
 
 
 @dataclass
@@ -217,9 +240,7 @@ def _parse_value(key: str, text: str):
 
 def load_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> GRPOImgConfig:
     """The demo config when `path` is None; `overrides` are raw command-line strings keyed by field name."""
-    path = Path(path) if path is not None else DEMO_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    path = resolve_config_path(path if path is not None else DEMO_CONFIG)
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of config keys")

@@ -9,6 +9,7 @@ from rewards.base import Reward, WeightedSum
 
 REGISTRY: dict[str, str] = {
     "color": "rewards.color:ColorReward",
+    "plan_color": "rewards.color:PlanColorReward",
     "clip": "rewards.clip:CLIPScoreReward",
     "pickscore": "rewards.pickscore:PickScoreReward",
     "hpsv2": "rewards.hpsv2:HPSv2Reward",

@@ -15,7 +15,6 @@ from rewards.base import Reward
 from rewards.palette import COLORS
 
 
-
 def named_color(prompt: str, palette: dict[str, tuple[int, int, int]] = COLORS) -> str | None:
     for word in re.findall(r"[a-z]+", prompt.lower()):
         if word in palette:
@@ -44,3 +43,25 @@ class ColorReward(Reward):
             nearest = ((pixels - self._rgb[None]) ** 2).sum(-1).argmin(-1)
             scores.append(float((nearest == list(self.palette).index(target)).mean()))
         return scores
+
+
+class PlanColorReward(Reward):
+    """Demo reward for think-then-draw: the fraction of the plan's words that are the colour the prompt names.
+
+    It reads only `metadata["plan"]` (the images are ignored), which is what a family whose image the policy cannot
+    choose (SEED-X) can learn in a toy world. A sample without a plan cannot be scored and raises."""
+
+    name = "plan_color"
+
+    def __call__(self, images, prompts, metadata):
+        scores = []
+        for prompt, meta in zip(prompts, metadata, strict=True):
+            if not meta or "plan" not in meta:
+                raise ValueError("plan_color scores the think-then-draw plan: set `plan: true`")
+            target = meta.get("color") or named_color(prompt)
+            if target is None:
+                raise ValueError(f"prompt {prompt!r} names no colour of {list(COLORS)}")
+            words = re.findall(r"[a-z]+", meta["plan"].lower())
+            scores.append(sum(word == target for word in words) / max(len(words), 1))
+        return scores
+

@@ -111,3 +111,23 @@ def test_unknown_reward_names_and_options():
         rewards.build("color", colours=["red"])
     with pytest.raises(ValueError, match="unknown colour"):
         rewards.build("color", colors=["mauve"])
+
+
+def test_every_shipped_config_loads_and_real_models_train_on_real_rewards():
+    from grpo_img.config import shipped_configs_dir
+
+    demo_rewards = {"color", "plan_color"}
+    configs = sorted(shipped_configs_dir().glob("*.yaml"))
+    assert len(configs) == 13  # 8 real-model configs and 5 tiny ones, one per family
+    for path in configs:
+        config = load_config(path.stem)  # by name, as an installed package finds it
+        names = {entry["name"] for entry in config.rewards}
+        if config.policy_options.get("tiny"):
+            assert path.stem.endswith("tiny_demo") or path.stem == "demo_tiny", path.name
+        else:
+            assert not names & demo_rewards, f"{path.name} trains a real model on the demo reward {names}"
+
+
+def test_unknown_config_names_list_the_shipped_ones():
+    with pytest.raises(FileNotFoundError, match="shipped configs, by name: .*janus_pro_7b"):
+        load_config("janus_pro_8b")

@@ -112,3 +112,11 @@ def test_unavailable_reward_leaves_the_batch_unscored_without_retrying_each_samp
     scores, errors = score_isolated(Down(), [solid("red")] * 4, ["x"] * 4, [{}] * 4)
     assert all(math.isnan(s) for s in scores) and all("server down" in e for e in errors)
     assert Down.calls == 1
+
+
+def test_plan_color_scores_the_plan_words_that_name_the_prompts_colour():
+    reward = rewards.build("plan_color")
+    plans = [{"plan": "red red"}, {"plan": "a red car"}, {"plan": "blue"}, {"plan": ""}]
+    assert reward([None] * 4, ["a red image"] * 4, plans) == [1.0, pytest.approx(1 / 3), 0.0, 0.0]
+    with pytest.raises(ValueError, match="plan: true"):
+        reward([None], ["a red image"], [{}])

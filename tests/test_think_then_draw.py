@@ -2,17 +2,12 @@
 that can write one (every family that implements the text hooks is picked up automatically), and GRPO runs whose reward depends
 on the plan."""
 
-import json
-
 import pytest
 import torch
 
 import policies
-import rewards
-from conftest import PROMPTS, reward_rise, run_tiny_grpo
+from conftest import PROMPTS
 from policies.plan import PlanSettings
-from rewards.base import Reward
-from rewards.color import COLORS
 
 PLAN = PlanSettings(max_tokens=6, temperature=1.3)
 PLAN_FAMILIES = [name for name in policies.available() if policies.build(name, tiny=True).plan_refusal is None]
@@ -126,38 +121,3 @@ def test_plan_settings_and_families_are_checked(planner):
     with pytest.raises(ValueError, match="not a token"):
         planner.set_plan(PlanSettings(end_marker="<no_such_token>"))
     planner.set_plan(PLAN)
-
-
-class PlanNamesColours(Reward):
-    """Depends only on the plan: the fraction of its (up to 4) words that are colour names."""
-
-    def __call__(self, images, prompts, metadata):
-        return [sum(word in COLORS for word in meta["plan"].split()) / 4 for meta in metadata]
-
-
-@pytest.mark.slow
-def test_grpo_on_a_plan_reward_rises_for_seed_x(tmp_path, monkeypatch):
-    """SEED-X's only choice is its plan; GRPO on a reward that reads the plan learns to write colour names."""
-    monkeypatch.setitem(rewards.REGISTRY, "plan_colours", f"{__name__}:PlanNamesColours")
-    metrics = run_tiny_grpo(tmp_path, "seed_x", {"tiny": True}, 10, rewards=[{"name": "plan_colours"}],
-                            prompts=["a red image", "a blue image"], plan="true", plan_max_tokens="4",
-                            num_generations="8", per_device_train_batch_size="16", learning_rate="0.01", beta="0",
-                            lora_r="8", lora_alpha="16", cfg_scale="1.0", image_log_steps="5")
-    first, last = reward_rise(metrics, 3)
-    assert last >= first + 0.3, f"reward_mean went {first:.3f} -> {last:.3f}"
-    logged = [json.loads(line) for line in (tmp_path / "run" / "plans.jsonl").read_text().splitlines()]
-    assert {entry["step"] for entry in logged} == {1, 5, 10} and len(logged) == 3 * 16
-    assert all(entry["image"].startswith("images/step_") for entry in logged)
-    final = [entry for entry in logged if entry["step"] == 10]
-    assert sum(entry["reward"] for entry in final) / len(final) == pytest.approx(
-        sum(sum(w in COLORS for w in entry["plan"].split()) / 4 for entry in final) / len(final))
-
-
-def test_janus_trains_plan_and_image_through_the_trainer(tmp_path):
-    metrics = run_tiny_grpo(tmp_path, "janus", {"tiny": True}, 2, prompts=["a red image"],
-                            per_device_train_batch_size="8", plan="true", plan_max_tokens="4",
-                            plan_temperature="1.2", image_log_steps="1")
-    assert all(m["loss"] == m["loss"] for m in metrics) and metrics[0]["logprob_gap"] < 1e-4
-    assert metrics[0]["kl"] == 0.0
-    logged = [json.loads(line) for line in (tmp_path / "run" / "plans.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in logged] == [1] * 8 + [2] * 8

@@ -25,26 +25,6 @@ def demo_config(tmp_path, **overrides):
     return load_config(None, values)
 
 
-@pytest.mark.slow
-def test_demo_learns_each_prompt(tmp_path):
-    """The demo's reward rises clearly, and for every prompt, not by collapsing onto one colour."""
-    config = demo_config(tmp_path, max_steps=DEMO_TEST_STEPS, save_steps=0)
-    metrics = read_metrics(train(config))
-    first = sum(m["reward_mean"] for m in metrics[:5]) / 5
-    last = sum(m["reward_mean"] for m in metrics[-5:]) / 5
-    assert last >= first + 0.2, f"reward_mean went {first:.3f} -> {last:.3f}"
-    per_prompt_start, per_prompt_end = {}, {}
-    for m in metrics[:10]:
-        for p, r in m["reward_per_prompt"].items():
-            per_prompt_start.setdefault(p, []).append(r)
-    for m in metrics[-10:]:
-        for p, r in m["reward_per_prompt"].items():
-            per_prompt_end.setdefault(p, []).append(r)
-    for prompt, values in per_prompt_end.items():
-        start = sum(per_prompt_start[prompt]) / len(per_prompt_start[prompt])
-        assert sum(values) / len(values) > start + 0.05, f"{prompt!r} did not improve"
-
-
 def test_run_writes_metrics_images_curve_and_a_loadable_adapter(tmp_path):
     config = demo_config(tmp_path, max_steps=4, image_log_steps=2, save_steps=2, report_to_tensorboard="true")
     out = train(config)

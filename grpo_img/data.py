@@ -71,7 +71,7 @@ class PromptSchedule:
     """Which prompts each process gets at each step: a seeded shuffle per epoch, no state to save.
 
     Each process takes its own whole prompts, so every group of G samples lives on one process and its
-    advantages are computed there (see README, "Many processes").
+    advantages are computed there (see docs/distributed.md).
     """
 
     def __init__(self, records: list[PromptRecord], prompts_per_step: int, seed: int, rank: int = 0,

@@ -32,20 +32,26 @@ def policy_class(name: str) -> type[Policy]:
 ENGINE_OPTIONS = ("static_cache", "compile_decode")
 
 
-def build(name: str, **options) -> Policy:
-    """Build a registered policy: `build("janus", tiny=True)` or `build("janus", model_name_or_path=ID_OR_DIR)`.
+def build(name: str, *, model_name_or_path: str | None = None, tiny: bool = False, device: str | None = None,
+          **options) -> Policy:
+    """Build a registered policy: `build("janus", tiny=True)` (the same architecture, random weights, offline) or
+    `build("janus", model_name_or_path=ID_OR_DIR)` (real weights), frozen, on `device`.
 
-    `static_cache=True` / `compile_decode=True` choose the decode loop's fast path, for any family."""
+    `static_cache=True` / `compile_decode=True` choose the decode loop's fast path, for any family; every other
+    option is the family's (its `build` signature)."""
     cls = policy_class(name)
+    if tiny == (model_name_or_path is not None):
+        raise ValueError(f"{name}: give exactly one of model_name_or_path=... or tiny=True")
     engine = {k: options.pop(k) for k in ENGINE_OPTIONS if k in options}
-    accepted = inspect.signature(cls.build).parameters
-    unknown = sorted(set(options) - set(accepted))
+    accepted = set(inspect.signature(cls.build).parameters) - {"cls", "model_name_or_path", "tiny"}
+    unknown = sorted(set(options) - accepted)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for policy {name!r}; accepted: "
-                         f"{', '.join(sorted([*accepted, *ENGINE_OPTIONS]))}")
-    policy = cls.build(**options)
+                         f"{', '.join(sorted([*accepted, *ENGINE_OPTIONS, 'device']))}")
+    policy = cls.build(model_name_or_path=model_name_or_path, tiny=tiny, **options)
+    policy.freeze()
     policy.set_decoding(**engine)
-    return policy
+    return policy.to(device) if device is not None else policy
 
 
 __all__ = ["Policy", "Rollout", "SamplingSettings", "available", "build", "policy_class"]

@@ -219,6 +219,14 @@ def position_ids_from_mask(mask: Tensor) -> Tensor:
 
 
 
+def run_decoder(decoder: nn.Module, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None,
+                embeds: bool = False) -> Tensor:
+    """Final hidden states [B, L, D] of a transformers decoder stack on ids (or embeddings, with `embeds`), with
+    the positions given (from the mask), updating `cache` when given."""
+    return decoder(**{"inputs_embeds" if embeds else "input_ids": inputs}, attention_mask=mask, position_ids=positions,
+                   past_key_values=cache, use_cache=cache is not None).last_hidden_state
+
+
 def check_cfg_mode(cfg_mode: str) -> None:
     if cfg_mode not in ("mixture", "conditional"):
         raise ValueError(f"cfg_mode must be 'mixture' or 'conditional', got {cfg_mode!r}")
@@ -308,8 +316,11 @@ class Policy(ABC):
     free_image_tokens: bool = True
     #: False where guidance lives outside the token distribution (SEED-X guides its diffusion de-tokenizer).
     token_cfg: bool = True
-    #: The release's sampling of image tokens; every setting a caller leaves at None takes this value.
+    #: The family's sampling of image tokens; every setting a caller leaves at None takes this value. It is the
+    #: release's, except where truncation would give the trained policy -inf log-probs (see `release_sampling`).
     default_sampling: SamplingSettings = SamplingSettings()
+    #: The release's own inference sampling where it differs from `default_sampling` (None: it does not).
+    release_sampling: SamplingSettings | None = None
     #: Think-then-draw settings and the planner attached by `set_plan` (policies/plan.py); None: no plan.
     plan = None
     planner = None
@@ -597,7 +608,8 @@ class Policy(ABC):
         last_free = int(free[-1])
         hidden = []
         for stream in self.scoring_streams(rollout, context_ids, context_mask, guided):
-            ids, mask = stream.ids.repeat_interleave(stream.repeats, 0), stream.mask.repeat_interleave(stream.repeats, 0)
+            ids = stream.ids.repeat_interleave(stream.repeats, 0)
+            mask = stream.mask.repeat_interleave(stream.repeats, 0)
             previous = image_ids[:, :last_free].repeat(len(ids) // n, 1)
             inputs = torch.cat([self.context_inputs(ids), self.image_inputs(previous)], dim=1)
             attn = torch.cat([mask, mask.new_ones(previous.shape)], dim=1)
@@ -651,8 +663,19 @@ class Policy(ABC):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def modules(self) -> list[nn.Module]:
+        """Every network of the policy, the language model first (a family adds its image decoder)."""
+        return [self.model]
+
+    def freeze(self) -> None:
+        """No gradients and eval mode everywhere; training adds the LoRA adapter (`add_lora`)."""
+        for module in self.modules():
+            module.requires_grad_(False)
+            module.eval()
+
     def to(self, device: torch.device | str) -> "Policy":
-        self.model.to(device)
+        for module in self.modules():
+            module.to(device)
         return self
 
     def add_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.0, train_image_heads: bool = True):

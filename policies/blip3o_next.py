@@ -96,7 +96,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from policies import tiny as toy
-from policies.base import Policy, Rollout, SamplingSettings, draw_seeds, position_ids_from_mask
+from policies.base import Policy, Rollout, SamplingSettings, draw_seeds, position_ids_from_mask, run_decoder
 from policies.checkpoints.blip3o_next import (CONNECTOR_PREFIX, DEFAULT_DIFFUSION_REPO, SANA_CONFIG_DIR, SANA_PREFIX,
                                               VAE_CONFIG_DIR, VAE_PREFIX, load_blip3o_next)
 from policies.modules.sana_decoder import DiffusionDecoder
@@ -177,24 +177,12 @@ class Blip3oNextPolicy(Policy):
     # -- loading ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def build(
-        cls,
-        model_name_or_path: str | None = None,
-        tiny: bool = False,
-        dtype: str = "float32",
-        decoder_dtype: str | None = None,
-        device: str | None = None,
-        decode_batch_size: int = 16,
-        restrict_to_image_tokens: bool = True,
-        decode_with_reference_backbone: bool = False,
-        diffusion_guidance_scale: float | None = None,
-        diffusion_steps: int | None = None,
-        diffusion_shift: float | None = None,
-        diffusion_name_or_path: str | None = None,
-        tiny_palette: list[str] | None = None,
-        tiny_palette_steps: int = 80,
-        seed: int = 0,
-    ) -> "Blip3oNextPolicy":
+    def build(cls, model_name_or_path: str | None = None, tiny: bool = False, dtype: str = "float32", *,
+              decoder_dtype: str | None = None, decode_batch_size: int = 16, restrict_to_image_tokens: bool = True,
+              decode_with_reference_backbone: bool = False, diffusion_guidance_scale: float | None = None,
+              diffusion_steps: int | None = None, diffusion_shift: float | None = None,
+              diffusion_name_or_path: str | None = None, tiny_palette: list[str] | None = None,
+              tiny_palette_steps: int = 80, seed: int = 0) -> "Blip3oNextPolicy":
         """Real weights (hub id or local folder, release layout or ours), or `tiny=True`: the same architectures
         with random weights (16 image tokens from a 64-code book, 2 Euler steps, 32 px).
 
@@ -204,8 +192,6 @@ class Blip3oNextPolicy(Policy):
         `tiny_palette` (tiny only): fit the connector, Sana and DC-AE for a few seconds so that image token k
         paints `tiny_palette[k % len]` at its place in the grid (the toy world of the demo reward).
         """
-        if tiny == (model_name_or_path is not None):
-            raise ValueError("give exactly one of model_name_or_path=... or tiny=True")
         torch_dtype = getattr(torch, dtype)
         decoder_torch_dtype = getattr(torch, decoder_dtype) if decoder_dtype else torch_dtype
         options = dict(restrict_to_image_tokens=restrict_to_image_tokens, decode_batch_size=decode_batch_size,
@@ -232,17 +218,10 @@ class Blip3oNextPolicy(Policy):
                          codebook_size=int(saved.get("codebook_size", CODEBOOK_SIZE)), **diffusion, **options)
         policy.model.to(torch_dtype)
         policy.decoder.to(decoder_torch_dtype)
-        for module in (policy.model, policy.decoder):
-            module.requires_grad_(False)
-            module.eval()
-        if device is not None:
-            policy.to(device)
         return policy
 
-    def to(self, device: torch.device | str) -> "Blip3oNextPolicy":
-        self.model.to(device)
-        self.decoder.to(device)
-        return self
+    def modules(self) -> list[nn.Module]:
+        return [self.model, self.decoder]
 
     def save_pretrained(self, path: str) -> None:
         """The release layout (one safetensors state dict with the Qwen keys and `model.sana.*`,
@@ -351,9 +330,7 @@ class Blip3oNextPolicy(Policy):
     # -- the engine's hooks (policies/base.py) ------------------------------------------------------------------
 
     def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
-        out = self.model.model(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                               use_cache=cache is not None)
-        return out.last_hidden_state
+        return run_decoder(self.model.model, inputs, mask, positions, cache)
 
     def image_logits(self, hidden: Tensor) -> Tensor:
         """Logits at an image position: only the image-token rows of lm_head when restricted (never the full

@@ -32,7 +32,8 @@ Release facts the code relies on (../shared/notes/models.md §3, §9):
   release reduces *exactly* to l = u + s (f - u) with s = s_txt (3.0): that is what we sample and score. The
   unconditional stream is the conditional sequence with every text token masked out of attention (positions from
   the mask), which is [BOS, BOI, image tokens so far] -- the release's context, padding excluded from attention.
-- Anole samples at temperature 1.0 with top-p 0.9; our defaults keep top-p off (see SamplingSettings).
+- Anole samples images at temperature 0.7 with top-p 0.9 (`release_sampling`); the family default for RL is
+  temperature 1 without top-p (`default_sampling`; see SamplingSettings for why truncation is off).
 
 Two modes:
 - `mode="t2i"` (default, for text-to-image RL): BOI is forced after the prompt; the completion is the grid*grid image
@@ -81,7 +82,7 @@ from trl.trainer.utils import selective_log_softmax
 
 from policies import tiny as toy
 from policies.base import (ImageSample, Policy, Rollout, SamplingSettings, entropy_of_logits, position_ids_from_mask,
-                           process_logits, sample_from_logits)
+                           process_logits, run_decoder, sample_from_logits)
 from policies.checkpoints.vqgan import (VQGAN_FILENAME, default_vqgan_path, load_vqgan_decoder,
                                        save_vqgan_decoder)
 from policies.modules.vqgan import VQGANDecoder
@@ -109,9 +110,10 @@ class ChameleonPolicy(Policy):
     # scored receive gradients.
     modules_to_save = ["lm_head"]
     # Anole's CFG scale 3.0 (text-to-image: the release's three-way CFG reduces to one scale, module docstring).
-    # Its top-p 0.9 is left off for RL (a truncated distribution gives -inf log-probs to codes the updated policy
-    # may want); pass top_p=0.9 for the release's sampling.
+    # Anole samples images at temperature 0.7 with top-p 0.9 (GAIR-NLP/anole `Options.Image`); RL here samples the
+    # untruncated distribution at temperature 1, so that no code the updated policy may want has a -inf log-prob.
     default_sampling = SamplingSettings(cfg_scale=3.0, temperature=1.0)
+    release_sampling = SamplingSettings(cfg_scale=3.0, temperature=0.7, top_p=0.9)
 
     def __init__(self, model, tokenizer, decoder: VQGANDecoder, mode: str = "t2i", text_tokens: int = 32,
                  decode_batch_size: int = 8):
@@ -157,19 +159,9 @@ class ChameleonPolicy(Policy):
     # -- loading ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def build(
-        cls,
-        model_name_or_path: str | None = None,
-        tiny: bool = False,
-        dtype: str = "float32",
-        device: str | None = None,
-        mode: str = "t2i",
-        text_tokens: int = 32,
-        vqgan_path: str | None = None,
-        decode_batch_size: int = 8,
-        tiny_palette: list[str] | None = None,
-        seed: int = 0,
-    ) -> "ChameleonPolicy":
+    def build(cls, model_name_or_path: str | None = None, tiny: bool = False, dtype: str = "float32", *,
+              mode: str = "t2i", text_tokens: int = 32, vqgan_path: str | None = None, decode_batch_size: int = 8,
+              tiny_palette: list[str] | None = None, seed: int = 0) -> "ChameleonPolicy":
         """Real weights by hub id or local path (default hub id: `ANOLE_HF_ID`), or (`tiny=True`) the same
         architecture with random weights.
 
@@ -182,9 +174,6 @@ class ChameleonPolicy(Policy):
         from transformers import AutoTokenizer, ChameleonForConditionalGeneration
 
         torch_dtype = getattr(torch, dtype)
-        if tiny == (model_name_or_path is not None):
-            raise ValueError("give exactly one of model_name_or_path=... (e.g. "
-                             f"{ANOLE_HF_ID!r}) or tiny=True")
         if tiny:
             torch.manual_seed(seed)
             model, tokenizer = toy.tiny_chameleon(
@@ -202,14 +191,8 @@ class ChameleonPolicy(Policy):
             tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
             decoder = VQGANDecoder(model.config.vq_config)
             load_vqgan_decoder(decoder, vqgan_path or default_vqgan_path(model_name_or_path))
-        model.requires_grad_(False)
-        model.eval()
-        decoder.requires_grad_(False)
-        decoder.eval()
         policy = cls(model, tokenizer, decoder, mode=mode, text_tokens=text_tokens,
                      decode_batch_size=decode_batch_size)
-        if device is not None:
-            policy.to(device)
         return policy
 
     def save_pretrained(self, path: str) -> None:
@@ -218,9 +201,11 @@ class ChameleonPolicy(Policy):
         self.tokenizer.save_pretrained(path)
         save_vqgan_decoder(self.decoder, os.path.join(path, VQGAN_FILENAME))
 
+    def modules(self) -> list[nn.Module]:
+        return [self.model, self.decoder]
+
     def to(self, device: torch.device | str) -> "ChameleonPolicy":
-        self.model.to(device)
-        self.decoder.to(device)
+        super().to(device)
         # the vocabulary lookups follow, so sampling does not copy them every step
         for name in ("_image_ids", "_bpe_to_code", "_is_image", "_text_banned"):
             setattr(self, name, getattr(self, name).to(device))
@@ -315,9 +300,7 @@ class ChameleonPolicy(Policy):
         return ~opened_before & fits
 
     def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
-        out = self.model.model(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                               use_cache=cache is not None)
-        return out.last_hidden_state
+        return run_decoder(self.model.model, inputs, mask, positions, cache)
 
     def image_token_ids(self, index: Tensor) -> Tensor:
         return self._image_ids.to(index.device)[index]
@@ -417,8 +400,8 @@ class ChameleonPolicy(Policy):
                 hidden_u = self.hidden_states(seq, uncond_mask, position_ids_from_mask(uncond_mask))[:, start:]
                 uncond = self.image_logits(hidden_u[is_image])
             processed = process_logits(self.image_logits(hidden[is_image]), uncond, settings)
-            logprobs = logprobs.index_put((is_image.nonzero(as_tuple=True)),
-                                          selective_log_softmax(processed, self.image_choice_index(completion[is_image])))
+            codes = self.image_choice_index(completion[is_image])
+            logprobs = logprobs.index_put((is_image.nonzero(as_tuple=True)), selective_log_softmax(processed, codes))
             if return_entropy:
                 entropy[is_image] = entropy_of_logits(processed.detach())
         if is_text.any():

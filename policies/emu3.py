@@ -68,7 +68,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from policies import tiny as toy
-from policies.base import Policy, Rollout, SamplingSettings, Stream
+from policies.base import Policy, Rollout, SamplingSettings, Stream, run_decoder
 
 RELEASE_NEGATIVE_PROMPT = (
     "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst quality, "
@@ -104,6 +104,7 @@ class Emu3Policy(Policy):
     # The release's CFG scale 3.0; its top-k 2048 is left off (module docstring: a truncated distribution gives
     # -inf log-probs to codes the updated policy may want), so RL samples the full guided distribution.
     default_sampling = SamplingSettings(cfg_scale=3.0, temperature=1.0)
+    release_sampling = SamplingSettings(cfg_scale=3.0, temperature=1.0, top_k=2048)  # its GenerationConfig
 
     def __init__(
         self,
@@ -180,21 +181,11 @@ class Emu3Policy(Policy):
     # -- loading ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def build(
-        cls,
-        model_name_or_path: str | None = None,
-        tiny: bool = False,
-        dtype: str = "float32",
-        device: str | None = None,
-        resolution: int | None = None,
-        negative_prompt: str | None = None,
-        negative_prompt_header: bool | None = None,
-        prompt_suffix: str | None = None,
-        decode_batch_size: int = 8,
-        score_chunk_size: int = 1024,
-        tiny_palette: list[str] | None = None,
-        seed: int = 0,
-    ) -> "Emu3Policy":
+    def build(cls, model_name_or_path: str | None = None, tiny: bool = False, dtype: str = "float32", *,
+              resolution: int | None = None, negative_prompt: str | None = None,
+              negative_prompt_header: bool | None = None, prompt_suffix: str | None = None,
+              decode_batch_size: int = 8, score_chunk_size: int = 1024, tiny_palette: list[str] | None = None,
+              seed: int = 0) -> "Emu3Policy":
         """Real weights by hub id or local path, or (`tiny=True`) the same architecture with random weights.
 
         `resolution`: image side in pixels (square); default 512 (4163 tokens), tiny 32 (4x4 grid, 23 tokens).
@@ -206,8 +197,6 @@ class Emu3Policy(Policy):
         from transformers import Emu3ForConditionalGeneration, Emu3Processor
 
         torch_dtype = getattr(torch, dtype)
-        if tiny == (model_name_or_path is not None):
-            raise ValueError("give exactly one of model_name_or_path=... or tiny=True")
         if tiny:
             torch.manual_seed(seed)
             model, processor = toy.tiny_emu3(EOL_TOKEN, EOF_TOKEN)
@@ -221,16 +210,12 @@ class Emu3Policy(Policy):
         else:
             model = Emu3ForConditionalGeneration.from_pretrained(model_name_or_path, dtype=torch_dtype)
             processor = Emu3Processor.from_pretrained(model_name_or_path)
-        model.requires_grad_(False)
-        model.eval()
         given = {"resolution": resolution, "negative_prompt": negative_prompt,
                  "negative_prompt_header": negative_prompt_header, "prompt_suffix": prompt_suffix}
         settings = {**RELEASE_SETTINGS, **_saved_settings(model_name_or_path),
                     **{k: v for k, v in given.items() if v is not None}}
         policy = cls(model, processor, **settings, decode_batch_size=decode_batch_size,
                      score_chunk_size=score_chunk_size)
-        if device is not None:
-            policy.to(device)
         return policy
 
     def save_pretrained(self, path: str) -> None:
@@ -295,10 +280,7 @@ class Emu3Policy(Policy):
         return self.model.config.text_config
 
     def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
-        return self.model.model.text_model(
-            input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
-            use_cache=cache is not None,
-        ).last_hidden_state
+        return run_decoder(self.model.model.text_model, inputs, mask, positions, cache)
 
     def visual_logits(self, hidden: Tensor) -> Tensor:
         """Logits over the codebook [..., K]: only the visual-token rows of lm_head (column k = code k)."""

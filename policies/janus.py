@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from policies import tiny as toy
-from policies.base import Policy, Rollout, SamplingSettings
+from policies.base import Policy, Rollout, SamplingSettings, run_decoder
 
 class JanusPolicy(Policy):
     name = "janus"
@@ -56,16 +56,8 @@ class JanusPolicy(Policy):
     # -- loading ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def build(
-        cls,
-        model_name_or_path: str | None = None,
-        tiny: bool = False,
-        dtype: str = "float32",
-        device: str | None = None,
-        decode_batch_size: int = 16,
-        tiny_palette: list[str] | None = None,
-        seed: int = 0,
-    ) -> "JanusPolicy":
+    def build(cls, model_name_or_path: str | None = None, tiny: bool = False, dtype: str = "float32", *,
+              decode_batch_size: int = 16, tiny_palette: list[str] | None = None, seed: int = 0) -> "JanusPolicy":
         """Real weights by hub id or local path, or (`tiny=True`) the same architecture with random weights.
 
         `tiny_palette` (tiny only): fit the random VQ decoder for a few seconds so that code k paints
@@ -74,8 +66,6 @@ class JanusPolicy(Policy):
         from transformers import JanusForConditionalGeneration, JanusProcessor
 
         torch_dtype = getattr(torch, dtype)
-        if tiny == (model_name_or_path is not None):
-            raise ValueError("give exactly one of model_name_or_path=... or tiny=True")
         if tiny:
             torch.manual_seed(seed)
             model, processor = toy.tiny_janus()
@@ -87,11 +77,7 @@ class JanusPolicy(Policy):
         else:
             model = JanusForConditionalGeneration.from_pretrained(model_name_or_path, dtype=torch_dtype)
             processor = JanusProcessor.from_pretrained(model_name_or_path)
-        model.requires_grad_(False)
-        model.eval()
         policy = cls(model, processor, decode_batch_size=decode_batch_size)
-        if device is not None:
-            policy.to(device)
         return policy
 
     def save_pretrained(self, path: str) -> None:
@@ -147,10 +133,7 @@ class JanusPolicy(Policy):
 
     def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
         """The language model on embeddings (prompt embeddings, then image-token embeddings)."""
-        return self.model.model.language_model(
-            inputs_embeds=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
-            use_cache=cache is not None,
-        ).last_hidden_state
+        return run_decoder(self.model.model.language_model, inputs, mask, positions, cache, embeds=True)
 
     def context_inputs(self, ids: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(ids)

@@ -57,7 +57,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from policies import tiny as toy
-from policies.base import ImageSample, Policy, Rollout, SamplingSettings, draw_seeds, position_ids_from_mask
+from policies.base import (ImageSample, Policy, Rollout, SamplingSettings, draw_seeds, position_ids_from_mask,
+                           run_decoder)
 from policies.checkpoints.seed_x import (AGENT_FILE, CONFIG_FILE, DETOKENIZER_FILE, NEGATIVE_FILE, TOKENIZER_DIR,
                                          is_kv_weight, load_released)
 from policies.modules.seed_x import NUM_IMAGE_TOKENS, OutputResampler, ResamplerXLV2, SeedXConfig
@@ -115,16 +116,12 @@ class SeedXPolicy(Policy):
         self.image_size = config.image_size
         self._banned = sorted(i for t, i in tokenizer.get_vocab().items() if t.startswith(NON_TEXT_PREFIXES))
         self._negative = None  # (prompt_embeds [64, 2048], pooled [1280]) of the zero image, see _negative_branch
-        for module in self._modules():
-            module.requires_grad_(False)
-            module.eval()
 
-    def _modules(self) -> list[nn.Module]:
+    def modules(self) -> list[nn.Module]:
         return [self.model, self.output_resampler, self.resampler, self.unet, self.vae]
 
     def to(self, device) -> "SeedXPolicy":
-        for module in self._modules():
-            module.to(device)
+        super().to(device)
         self.negative_vit_embeds = self.negative_vit_embeds.to(device)
         self._negative = None
         return self
@@ -132,27 +129,13 @@ class SeedXPolicy(Policy):
     # -- loading ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def build(
-        cls,
-        model_name_or_path: str | None = None,
-        tiny: bool = False,
-        dtype: str = "float32",
-        device: str | None = None,
-        tokenizer_path: str | None = None,
-        detokenizer_path: str | None = None,
-        sdxl_path: str | None = None,
-        negative_embeds_path: str | None = None,
-        prompt_format: str | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        image_size: int | None = None,
-        decode_batch_size: int = 4,
-        seed: int = 0,
-    ) -> "SeedXPolicy":
+    def build(cls, model_name_or_path: str | None = None, tiny: bool = False, dtype: str = "float32", *,
+              tokenizer_path: str | None = None, detokenizer_path: str | None = None, sdxl_path: str | None = None,
+              negative_embeds_path: str | None = None, prompt_format: str | None = None,
+              num_inference_steps: int | None = None, guidance_scale: float | None = None,
+              image_size: int | None = None, decode_batch_size: int = 4, seed: int = 0) -> "SeedXPolicy":
         """The released layout (see the module docstring) from a local folder, or (`tiny=True`) the same
         architecture with random weights: tiny LLaMA, resamplers, SDXL-type UNet and VAE, 16 px, 2 Euler steps."""
-        if tiny == (model_name_or_path is not None):
-            raise ValueError("give exactly one of model_name_or_path=... or tiny=True")
         overrides = {k: v for k, v in dict(prompt_format=prompt_format, num_inference_steps=num_inference_steps,
                                            guidance_scale=guidance_scale, image_size=image_size).items()
                      if v is not None}
@@ -168,8 +151,6 @@ class SeedXPolicy(Policy):
         if torch_dtype != torch.float32:
             for module in policy._modules():
                 module.to(torch_dtype)
-        if device is not None:
-            policy.to(device)
         return policy
 
     def save_pretrained(self, path: str) -> None:
@@ -206,13 +187,11 @@ class SeedXPolicy(Policy):
         return self.plan_prompt_text(request) + BOI
 
     def text_logits(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                          use_cache=cache is not None).logits
+        return self.model.lm_head(self.hidden_states(ids, mask, positions, cache))
 
     def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
         """Final-layer hidden states (after the final norm, as the release's hidden_states[-1])."""
-        return self.model.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=cache is not None).last_hidden_state
+        return run_decoder(self.model.model, inputs, mask, positions, cache)
 
     def image_logits(self, hidden: Tensor) -> Tensor:
         return self.model.lm_head(hidden)

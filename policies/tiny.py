@@ -79,7 +79,8 @@ def fit_decoder_to_palette(
 
     `decode(tokens [B, grid*grid]) -> images [B, 3, H, W] in [-1, 1]`. Trained on grids that range from uniformly
     random to one colour only: a decoder fitted on random mosaics alone renders a one-colour grid as grey (its
-    GroupNorms see other statistics), so a policy that learns to paint one colour would get no credit. Returns the final mean squared error (pixels in [-1, 1]).
+    GroupNorms see other statistics), so a policy that learns to paint one colour would get no credit. Returns the
+    final mean squared error (pixels in [-1, 1]).
     """
     parameters = list(parameters)
     key = _fit_key(parameters, num_codes, grid, colors, steps, lr, seed)

@@ -25,6 +25,13 @@ def test_every_family_has_its_release_defaults():
                                                                                               0, 1.0)
 
 
+def test_release_sampling_is_recorded_where_the_rl_default_differs():
+    emu3, chameleon = policies.policy_class("emu3"), policies.policy_class("chameleon")
+    assert (emu3.release_sampling.cfg_scale, emu3.release_sampling.top_k) == (3.0, 2048)
+    assert (chameleon.release_sampling.temperature, chameleon.release_sampling.top_p) == (0.7, 0.9)
+    assert all(policies.policy_class(n).release_sampling is None for n in ("janus", "blip3o_next", "seed_x"))
+
+
 def test_unset_settings_sample_the_family_default_and_given_ones_override(tiny_policy):
     generator = torch.Generator().manual_seed(0)
     default = tiny_policy.sample(PROMPTS, 2, generator=generator).sampling

@@ -1,6 +1,6 @@
 """Think-then-draw: a text plan, then the image conditioned on prompt + plan (policies/plan.py), on every tiny policy
-that can write one (every family that implements the text hooks is picked up automatically), and GRPO runs whose reward depends
-on the plan."""
+that can write one (every family that implements the text hooks is picked up automatically). Training with a plan:
+tests/test_families_train.py."""
 
 import pytest
 import torch

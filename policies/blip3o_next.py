@@ -13,7 +13,9 @@ Release facts the code relies on (JiuhaiChen/BLIP3o, branch BLIP3o-NEXT; ../shar
   `diffusion_connector` = Linear(hidden, 2304), tanh-GELU, Linear(2304, 2304), RMSNorm(2304, eps 1e-5) and
   condition diffusers' `SanaTransformer2DModel` (SANA-1.5 1.6B, 1024 px, 32x32 latents); flow-match Euler with
   sigmas linspace(1, 1/steps, steps), 30 steps, CFG 2.0 against the connector applied to an all-zero condition
-  (rows [null, cond]); the timestep passed to Sana is sigma * 1000; `AutoencoderDC` decodes latents / scaling_factor.
+  (rows [null, cond]); the timestep passed to Sana is sigma * 1000 in float32; `AutoencoderDC` decodes
+  latents / scaling_factor. Here diffusers' `FlowMatchEulerDiscreteScheduler` runs that loop
+  (`policies/modules/sana_decoder.py`).
   The Sana and DC-AE configs come from the hub id in `diffusion_name_or_path`
   (`Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers`, subfolders `transformer/`, `vae/`); the weights are in
   the BLIP3o checkpoint itself under `model.sana.*`, `model.sana_vae.*`, `model.diffusion_connector.*`.
@@ -43,8 +45,8 @@ Deliberate differences, all stated:
   `decode_with_reference_backbone=True` reads the adapter-off backbone instead, which makes the image a function
   of the tokens alone.
 - Tiny toy world (`tiny=True, tiny_palette=[...]`, tests and demos only): a random decoder paints every token grid
-  the same colour, so `fit_decoder_to_palette` fits the tiny DC-AE, Sana and connector for a few seconds so that
-  image token k paints palette colour k % len(palette) at its place in the grid.
+  the same colour, so `policies.tiny.fit_diffusion_decoder_to_palette` fits the tiny DC-AE, Sana and connector for a
+  few seconds so that image token k paints palette colour k % len(palette) at its place in the grid.
 
 Think-then-draw (policies/plan.py):
 - Plan prompt: the released prompt itself, i.e. the tokenizer's chat template with the system prompt and the

@@ -29,6 +29,9 @@ from torch import Tensor
 from policies import tiny as toy
 from policies.base import Policy, Rollout, SamplingSettings, run_decoder
 
+RELEASE_PAD_TOKEN = "<｜▁pad▁｜>"  # the release's pad token (DeepSeek tokenizer), named so in its processor
+
+
 class JanusPolicy(Policy):
     name = "janus"
     # The SigLIP tower also has q/k/v_proj: restrict LoRA to the language model with a regex.
@@ -48,6 +51,12 @@ class JanusPolicy(Policy):
         self.boi_id = tokenizer.convert_tokens_to_ids(processor.image_start_token)
         if None in (self.bos_id, self.pad_id, self.boi_id):
             raise ValueError("Janus tokenizer must define BOS, pad and <begin_of_image> tokens")
+        # The release blanks the unconditional row with this token by name; the tokenizer's pad must be the same.
+        release_pad = tokenizer.get_vocab().get(RELEASE_PAD_TOKEN)
+        if release_pad is not None and release_pad != self.pad_id:
+            raise ValueError(f"Janus tokenizer: pad token {tokenizer.pad_token!r} (id {self.pad_id}) is not the "
+                             f"release's {RELEASE_PAD_TOKEN!r} (id {release_pad}), which the unconditional CFG row "
+                             "is made of; set tokenizer.pad_token to it")
         self.num_image_tokens = model.config.vision_config.num_image_tokens
         self.grid = int(round(self.num_image_tokens**0.5))
         vq = model.config.vq_config

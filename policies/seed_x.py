@@ -17,7 +17,9 @@ Release facts this file relies on (notes/models.md section 5):
   `output_resampler` (Qwen-VL-style: one `nn.MultiheadAttention` with 64 learned queries + fixed 2-D sin-cos
   positions, kv 5120 -> 4096, 32 heads) -> 64 x 4096.
 - De-tokenizer (`seed_detokenizer/first_stage/pytorch_model.bin`): `ResamplerXLV2` (4096 -> 1024, 64 latents, 4
-  perceiver layers of 16 x 64 heads; inputs `F.normalize`d over dim 1 as released) -> SDXL `prompt_embeds`
+  perceiver layers of 16 x 64 heads; inputs not normalised: the release's de-tokenizer config
+  `sdxl_qwen_vit_resampler_l4_q64_pretrain_no_normalize.yaml` sets `normalize: False`;
+  `SeedXConfig.detokenizer_normalize`) -> SDXL `prompt_embeds`
   (64 x 2048 = 768 + 1280) and `pooled_prompt_embeds` (1280) in place of both text encoders; diffusers' SDXL UNet
   (base weights, with the released fine-tuned `to_k`/`to_v`), Euler (SDXL scheduler config), guidance 7.5, 30 steps,
   1024 px, time ids (H, W, 0, 0, H, W).

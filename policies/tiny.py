@@ -338,7 +338,8 @@ def tiny_seed_x(specials: list[str], overrides: dict) -> dict:
     output_resampler = OutputResampler(config.output_resampler_dim, config.output_resampler_heads, hidden)
     resampler = ResamplerXLV2(config.detokenizer_dim, config.detokenizer_depth, config.detokenizer_dim_head,
                               config.detokenizer_heads, NUM_IMAGE_TOKENS, config.output_resampler_dim,
-                              config.prompt_dim_1, config.prompt_dim_2)
+                              config.prompt_dim_1, config.prompt_dim_2,
+                              normalize=config.detokenizer_normalize)
     time_dim = 8
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,

@@ -2,6 +2,7 @@
 reproducible decoding, the restricted image-token head, the release checkpoint layout, and a GRPO run that learns.
 The contract suite (tests/test_policy_contract.py) runs on it too."""
 
+import copy
 import json
 
 import numpy as np
@@ -257,3 +258,20 @@ def test_plan_rollout_decodes_reproducibly_and_the_image_depends_on_the_plan(pla
     pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round()[0].permute(1, 2, 0)
     decoded = torch.tensor(np.array(planner.decode(row)[0]), dtype=torch.float32)
     assert (decoded - pixels).abs().max() <= 1
+
+
+def test_bf16_decoding_passes_sana_the_timestep_in_float32(tiny):
+    """As released: sigma * 1000 in float32 whatever the model dtype (a bf16 timestep turns 750 into 752)."""
+    from policies.modules.sana_decoder import DiffusionDecoder
+
+    decoder = copy.deepcopy(tiny.decoder).to(torch.bfloat16)
+    seen = []
+    decoder.sana.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["timestep"]),
+                                           with_kwargs=True)
+    steps = 4
+    with torch.no_grad():
+        DiffusionDecoder.forward(decoder, torch.randn(1, 5, tiny.model.config.hidden_size),
+                                 torch.randn(1, *decoder.latent_shape), 2.0, steps)
+    expected = flow_scheduler(steps).timesteps
+    assert [t.dtype for t in seen] == [torch.float32] * steps
+    assert torch.equal(torch.stack([t[0] for t in seen]), expected) and 750.0 in expected.tolist()

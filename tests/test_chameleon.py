@@ -168,6 +168,17 @@ def test_decoder_output_size():
             decoder(torch.zeros(1, grid * grid - 1, dtype=torch.long))
 
 
+def test_decoder_reads_a_contiguous_latent_as_the_release_does():
+    """The release feeds the decoder a contiguous latent; a permuted (channels-last) one rounds differently in the
+    convolutions. Ours equals the contiguous path bitwise (at a real-width first level, where the layouts differ)."""
+    decoder = VQGANDecoder(ChameleonVQVAEConfig(**dict(TINY_VQ, embed_dim=64, latent_channels=64))).eval()
+    codes = torch.randint(0, TINY_VQ["num_embeddings"], (2, decoder.grid ** 2), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latent = decoder.quantize.embedding(codes).view(2, decoder.grid, decoder.grid, -1).permute(0, 3, 1, 2)
+        contiguous = decoder.decoder(decoder.post_quant_conv(latent.contiguous()))
+        assert torch.equal(decoder(codes), contiguous)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Interleaved mode
 

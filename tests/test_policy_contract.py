@@ -144,3 +144,17 @@ def test_build_rejects_unknown_names_and_options():
         policies.build("janus", tiny=True, resolution_typo=3)
     with pytest.raises(ValueError, match="exactly one"):
         policies.build("janus")
+
+
+def test_janus_refuses_a_pad_token_other_than_the_releases():
+    """The unconditional CFG row is the prompt blanked with the release's pad token, `<｜▁pad▁｜>`."""
+    from policies.janus import RELEASE_PAD_TOKEN, JanusPolicy
+    from policies.tiny import tiny_janus
+
+    model, processor = tiny_janus()
+    JanusPolicy(model, processor)  # the tiny tokenizer has no such token: its own pad is used
+    processor.tokenizer.add_tokens([RELEASE_PAD_TOKEN], special_tokens=True)
+    with pytest.raises(ValueError, match="is not the release's"):
+        JanusPolicy(model, processor)
+    processor.tokenizer.pad_token = RELEASE_PAD_TOKEN
+    assert JanusPolicy(model, processor).pad_id == processor.tokenizer.convert_tokens_to_ids(RELEASE_PAD_TOKEN)

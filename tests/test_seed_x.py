@@ -144,3 +144,30 @@ def test_trainer_refuses_seed_x_without_a_plan():
     assert policy.plan == PlanSettings(max_tokens=4)
     with pytest.raises(ValueError, match="no trainable choice"):
         setup_policy(load_config(None, {**values, "plan": "true", "train_plan": "false"}), torch.device("cpu"))
+
+
+def test_detokenizer_input_is_not_normalised_as_in_the_release_config():
+    """The release's de-tokenizer config sets normalize: False: the resampler reads the features as they are."""
+    from policies.modules.seed_x import ResamplerXLV2, SeedXConfig
+
+    assert SeedXConfig().detokenizer_normalize is False
+    torch.manual_seed(0)
+    resampler = ResamplerXLV2(32, 1, 8, 4, 64, 16, 8, 16).eval()
+    x = torch.randn(2, 64, 16) * 3.0
+    with torch.no_grad():
+        # the definition, step by step, on the raw features
+        latents = resampler.latents.expand(2, -1, -1)
+        features = resampler.proj_in(x)
+        for attn, ff in resampler.layers:
+            latents = attn(features, latents) + latents
+            latents = ff(latents) + latents
+        hidden = resampler.norm_out(latents)
+        expected = torch.cat([resampler.unet_proj_1(hidden), resampler.unet_proj_2(hidden)], dim=-1)
+        embeds, pooled = resampler(x)
+        assert torch.allclose(embeds, expected, atol=1e-6)
+        assert torch.allclose(pooled, resampler.unet_attnpool(hidden), atol=1e-6)
+        # normalising (the class default of the release) would change the result; it is scale-invariant then
+        resampler.normalize = True
+        normalised, _ = resampler(x)
+        assert not torch.allclose(normalised, embeds, atol=1e-3)
+        assert torch.allclose(resampler(2 * x)[0], normalised, atol=1e-5)

@@ -80,7 +80,8 @@ def load_released(model_path: str, tokenizer_path: str | None, detokenizer_path:
     detok = torch.load(detok_file, map_location="cpu", weights_only=True)
     resampler = ResamplerXLV2(config.detokenizer_dim, config.detokenizer_depth, config.detokenizer_dim_head,
                               config.detokenizer_heads, NUM_IMAGE_TOKENS, config.output_resampler_dim,
-                              config.prompt_dim_1, config.prompt_dim_2)
+                              config.prompt_dim_1, config.prompt_dim_2,
+                              normalize=config.detokenizer_normalize)
     _load_prefixed(resampler, detok, "resampler.", detok_file)
 
     sdxl = sdxl_path or (str(root / "sdxl") if (root / "sdxl").is_dir() else SDXL_BASE)

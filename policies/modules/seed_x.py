@@ -28,6 +28,9 @@ class SeedXConfig:
     detokenizer_heads: int = 16
     prompt_dim_1: int = 768  # CLIP-L part of SDXL's prompt_embeds
     prompt_dim_2: int = 1280  # OpenCLIP-G part, also the pooled size
+    # F.normalize of the de-tokenizer's input features: False in the release's de-tokenizer config
+    # (configs/sdxl_adapter/sdxl_qwen_vit_resampler_l4_q64_pretrain_no_normalize.yaml; its class defaults to True)
+    detokenizer_normalize: bool = False
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     image_size: int = 1024
@@ -36,8 +39,6 @@ class SeedXConfig:
     def __post_init__(self) -> None:
         if self.prompt_format not in ("instruct", "caption"):
             raise ValueError(f"prompt_format must be 'instruct' or 'caption', got {self.prompt_format!r}")
-
-
 
 
 def sincos_2d(dim: int, grid: int) -> Tensor:
@@ -115,8 +116,9 @@ class ResamplerXLV2(nn.Module):
     """The de-tokenizer's perceiver resampler: 64 x 4096 image features -> SDXL (prompt_embeds, pooled)."""
 
     def __init__(self, dim: int, depth: int, dim_head: int, heads: int, num_queries: int, embedding_dim: int,
-                 output1_dim: int, output2_dim: int, ff_mult: int = 4):
+                 output1_dim: int, output2_dim: int, ff_mult: int = 4, normalize: bool = False):
         super().__init__()
+        self.normalize = normalize
         self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
         self.proj_in = nn.Linear(embedding_dim, dim)
         self.norm_out = nn.LayerNorm(dim)
@@ -131,7 +133,9 @@ class ResamplerXLV2(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         latents = self.latents.expand(x.shape[0], -1, -1)
-        x = self.proj_in(F.normalize(x))  # dim=1 (over the 64 tokens), as released
+        if self.normalize:  # over dim 1 (the 64 tokens), as the release's class does when its config asks for it
+            x = F.normalize(x)
+        x = self.proj_in(x)
         for attn, ff in self.layers:
             latents = attn(x, latents) + latents
             latents = ff(latents) + latents

@@ -98,5 +98,7 @@ class VQGANDecoder(nn.Module):
         if codes.shape[-1] != self.grid * self.grid:
             raise ValueError(f"the decoder takes {self.grid}x{self.grid}={self.grid ** 2} codes per image, "
                              f"got {codes.shape[-1]}")
+        # contiguous as released: a permuted (channels-last) latent makes the convolutions round differently
         z = self.quantize.embedding(codes).view(codes.shape[0], self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        z = z.contiguous()
         return self.decoder(self.post_quant_conv(z))

@@ -1,4 +1,5 @@
-"""Entry point: `accelerate launch grpo_img/train.py --config configs/NAME.yaml [--key value ...] [--resume]`.
+"""Entry point: `accelerate launch grpo_img/train.py --config configs/NAME.yaml [--key value ...] [--resume]`, or,
+installed, `accelerate launch -m grpo_img.train --config NAME` / `grpo-img --config NAME` (a shipped config by name).
 
 With no --config it runs the tiny offline demo (configs/demo_tiny.yaml). Any config key can be overridden on the
 command line, e.g. `--output_dir runs/x --max_steps 20 --beta 0.02`.
@@ -16,7 +17,8 @@ from grpo_img.trainer import train
 
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML config (default: the tiny demo)")
+    parser.add_argument("--config", default=None, help="YAML config file, or a shipped config's name (default: the "
+                        "tiny demo)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="resume from the newest checkpoint in output_dir, or from the given checkpoint folder")
     args, rest = parser.parse_known_args(argv)

@@ -499,9 +499,11 @@ class Policy(ABC):
                     for index, stream in enumerate(self.image_streams(ids, mask, repeats, guided))]
         tokens = forced.repeat(n, 1)
         logprobs = torch.zeros(n, steps, dtype=torch.float32, device=self.device)
+        is_free = free.tolist()  # a Python list: no device sync per step
         for t in range(last_free + 1):
-            if free[t]:
-                logits = torch.cat([self.image_logits(decoder.last) for decoder in decoders])
+            if is_free[t]:
+                logits = [self.image_logits(decoder.last) for decoder in decoders]
+                logits = logits[0] if len(logits) == 1 else torch.cat(logits)
                 index, logprobs[:, t] = sample_from_logits(
                     process_logits(logits[:n], logits[n:] if guided else None, settings), generator)
                 tokens[:, t] = self.image_token_ids(index)
@@ -606,6 +608,7 @@ class Policy(ABC):
         free = (forced < 0).nonzero().flatten().to(image_ids.device) if forced is not None else \
             torch.arange(steps, device=image_ids.device)
         last_free = int(free[-1])
+        all_free = len(free) == steps  # then plain slices, not gathers (no copy, a cheaper backward)
         hidden = []
         for stream in self.scoring_streams(rollout, context_ids, context_mask, guided):
             ids = stream.ids.repeat_interleave(stream.repeats, 0)
@@ -614,9 +617,11 @@ class Policy(ABC):
             inputs = torch.cat([self.context_inputs(ids), self.image_inputs(previous)], dim=1)
             attn = torch.cat([mask, mask.new_ones(previous.shape)], dim=1)
             # the hidden state at position P-1+t predicts image token t
-            hidden.append(self.hidden_states(inputs, attn, position_ids_from_mask(attn))[:, ids.shape[1] - 1 + free])
-        hidden = torch.cat(hidden)
-        choices = self.image_choice_index(image_ids[:, free])
+            states = self.hidden_states(inputs, attn, position_ids_from_mask(attn))
+            start = ids.shape[1] - 1
+            hidden.append(states[:, start : start + steps] if all_free else states[:, start + free])
+        hidden = torch.cat(hidden) if len(hidden) > 1 else hidden[0]
+        choices = self.image_choice_index(image_ids if all_free else image_ids[:, free])
         settings = rollout.sampling
 
         def head(hidden_chunk: Tensor, choice_chunk: Tensor) -> tuple[Tensor, Tensor]:

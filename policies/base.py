@@ -537,7 +537,8 @@ class Policy(ABC):
         caches = self.__dict__.setdefault("_static_caches", {})
         key = (index, rows, length, self.dtype, self.device)
         if key not in caches:
-            caches.clear() if len(caches) > 4 else None  # shapes changed (batch or plan): drop the old ones
+            if len(caches) >= 4:  # shapes keep changing (batch or plan length): do not hoard old caches
+                caches.clear()
             caches[key] = StaticCache(config=self.cache_config, max_cache_len=length)
         else:
             caches[key].reset()  # zeros the tensors in place and rewinds the length

@@ -163,6 +163,29 @@ def test_release_layout_checkpoint_loads_through_the_real_loader(tiny, tmp_path)
     assert [im.tobytes() for im in again.decode(rollout)] == [im.tobytes() for im in tiny.decode(rollout)]
 
 
+def test_release_checkpoint_in_torch_bin_shards_loads(tiny, tmp_path):
+    """Checkpoints whose connectors share a norm can only be saved as torch .bin files (sharded here)."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "ckpt"
+    write_release_checkpoint(tiny, folder, tmp_path / "sana_repo")
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    keys = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for name, names in shards.items():
+        torch.save({k: state[k] for k in names}, folder / name)
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, names in shards.items() for k in names}}))
+    loaded = policies.build("blip3o_next", model_name_or_path=str(folder), diffusion_steps=2)
+    rollout = sample(tiny, cfg_scale=3.0)
+    assert torch.equal(sample(loaded, cfg_scale=3.0).completion_ids, rollout.completion_ids)
+    assert [im.tobytes() for im in loaded.decode(rollout)] == [im.tobytes() for im in tiny.decode(rollout)]
+    (folder / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="listed in pytorch_model.bin.index.json are missing"):
+        policies.build("blip3o_next", model_name_or_path=str(folder))
+
+
 def test_loader_names_what_is_missing(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     write_release_checkpoint(tiny, tmp_path / "no_norm", tmp_path / "repo1",

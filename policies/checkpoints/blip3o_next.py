@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderDC, SanaTransformer2DModel
 from huggingface_hub import snapshot_download
@@ -38,7 +39,7 @@ def _resolve_checkpoint(name_or_path: str) -> Path:
         raise ValueError(f"{name_or_path} is a file; give the checkpoint folder or a hub id")
     try:
         return Path(snapshot_download(name_or_path, allow_patterns=[
-            "*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken", f"{SANA_CONFIG_DIR}/*",
+            "*.json", "*.safetensors", "*.bin", "*.txt", "*.jinja", "*.model", "*.tiktoken", f"{SANA_CONFIG_DIR}/*",
             f"{VAE_CONFIG_DIR}/*"]))
     except Exception as error:  # noqa: BLE001 - any hub/network failure gets the same actionable message
         raise OSError(f"cannot find BLIP3o-NEXT checkpoint {name_or_path!r}: not a local folder, and the hub "
@@ -46,21 +47,33 @@ def _resolve_checkpoint(name_or_path: str) -> Path:
                       "reachable and pass the local folder as model_name_or_path.") from error
 
 
+# Weight files, in the order they are looked for: (single file, sharded index). Checkpoints whose connectors share a
+# norm can only be saved as torch .bin files, so those are read too (tensors only: weights_only).
+WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
+                ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def _load_weight_file(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _load_state_dict(folder: Path) -> dict[str, Tensor]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{folder}: shard(s) {missing} listed in model.safetensors.index.json are missing")
-        state = {}
-        for shard in shards:
-            state.update(load_file(str(folder / shard)))
-        return state
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return load_file(str(single))
-    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    for single, index_name in WEIGHT_FILES:
+        index = folder / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{folder}: shard(s) {missing} listed in {index_name} are missing")
+            state = {}
+            for shard in shards:
+                state.update(_load_weight_file(folder / shard))
+            return state
+        if (folder / single).is_file():
+            return _load_weight_file(folder / single)
+    raise FileNotFoundError(f"{folder}: no weights ({', '.join(name for pair in WEIGHT_FILES for name in pair)})")
 
 
 def _decoder_configs(folder: Path, diffusion_name_or_path: str) -> tuple[dict, dict]:

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache, StaticCache
 from trl.trainer.utils import selective_log_softmax
 
 log = logging.getLogger(__name__)
@@ -515,8 +516,6 @@ class Policy(ABC):
 
     def start_decoder(self, stream: Stream, max_new_tokens: int, index: int = 0) -> CachedDecoder:
         """Prefill `stream` on a fresh cache (a reused StaticCache with `static_cache`)."""
-        from transformers import DynamicCache
-
         def last_hidden(inputs, mask, positions, cache):
             return self.hidden_states(inputs, mask, positions, cache)[:, -1]
 
@@ -532,8 +531,6 @@ class Policy(ABC):
     def _reusable_static_cache(self, index: int, rows: int, length: int):
         """One StaticCache per (stream, rows, length, dtype, device), kept on the policy: its tensors are the static
         addresses a captured CUDA graph reads, so a new cache per rollout would force a new capture."""
-        from transformers import StaticCache
-
         caches = self.__dict__.setdefault("_static_caches", {})
         key = (index, rows, length, self.dtype, self.device)
         if key not in caches:

@@ -244,8 +244,12 @@ class Emu3Policy(Policy):
         return self._encode([p + self.prompt_suffix for p in prompts], with_header=True)
 
     def encode_negative_prompt(self) -> tuple[Tensor, Tensor]:
-        """[1, Q]: BOS + negative prompt (+ the image header when `negative_prompt_header`)."""
-        return self._encode([self.negative_prompt], with_header=self.negative_prompt_header)
+        """[1, Q]: BOS + negative prompt (+ the image header when `negative_prompt_header`), tokenized once per
+        setting and device (sampling needs it for its stream and for the rollout's record)."""
+        key = (self.negative_prompt, self.negative_prompt_header, self.device)
+        if getattr(self, "_negative", (None,))[0] != key:
+            self._negative = (key, self._encode([self.negative_prompt], with_header=self.negative_prompt_header))
+        return self._negative[1]
 
     # -- think-then-draw hooks (policies/plan.py): a caption continuation before the image header ---------------
 

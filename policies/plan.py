@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 from trl.trainer.utils import selective_log_softmax
 
 from policies.base import (CachedDecoder, ImageContexts, PlanBatch, Policy, Rollout, SamplingSettings,
@@ -123,8 +124,6 @@ class Planner:
     def sample_plans(self, prompts: list[str], group_size: int, generator: torch.Generator | None
                      ) -> tuple[Tensor, Tensor, PlanBatch]:
         """Plan-writing prompt ids and mask [N, P] (N = prompts x group_size) and the sampled plans."""
-        from transformers import DynamicCache
-
         policy = self.policy
         ids, mask = self.encode_plan_prompts(prompts)
         n, width = len(prompts) * group_size, self.settings.max_tokens

@@ -21,11 +21,12 @@ Release facts this file relies on (notes/models.md section 5):
   `sdxl_qwen_vit_resampler_l4_q64_pretrain_no_normalize.yaml` sets `normalize: False`;
   `SeedXConfig.detokenizer_normalize`) -> SDXL `prompt_embeds`
   (64 x 2048 = 768 + 1280) and `pooled_prompt_embeds` (1280) in place of both text encoders; diffusers' SDXL UNet
-  (base weights, with the released fine-tuned `to_k`/`to_v`), Euler (SDXL scheduler config), guidance 7.5, 30 steps,
-  1024 px, time ids (H, W, 0, 0, H, W).
+  (base weights, with the released fine-tuned `to_k`/`to_v`), Euler (SDXL scheduler config), guidance 7.5, 50 steps
+  (the release's text-to-image scripts; `SDXLAdapter.generate` defaults to 30), 1024 px, time ids (H, W, 0, 0, H, W).
 - Negative branch: the release runs the Qwen-VL ViT-G on an all-zero 448 px image (pooled 4x to 64 x 4096) and
-  de-tokenizes that. It is a constant: we store those 64 x 4096 features once (`negative_image_embeds.pt`) and push
-  them through the resampler at load time, instead of running the 1.9B vision tower every rollout.
+  de-tokenizes that. It is a constant: we store those 64 x 4096 features once (`negative_image_embeds.pt`, built by
+  `python -m policies.checkpoints.seed_x_negative` from the release's `qwen_vit_G.pt` or Qwen-VL-Chat) and push them
+  through the resampler at load time, instead of running the 1.9B vision tower every rollout.
 
 Checkpoint layout read by `build(model_name_or_path=DIR)` (DIR = a variant folder such as `SEED-X-17B/seed_x_i`;
 shared pieces are looked up in DIR, then in its parent, as released):
@@ -37,7 +38,8 @@ shared pieces are looked up in DIR, then in its parent, as released):
                                                           `unet.*` (diffusers UNet2DConditionModel names; must hold
                                                           every `to_k`/`to_v` weight)
     sdxl/ (or `sdxl_path`, default the SDXL base hub id)  diffusers folders unet/, vae/, scheduler/
-    negative_image_embeds.pt (or `negative_embeds_path`)  [64, 4096] ViT-G features of the zero image
+    negative_image_embeds.pt (or `negative_embeds_path`)  [64, 4096] ViT-G features of the zero image (not released:
+                                                          python -m policies.checkpoints.seed_x_negative)
     seed_x_policy.json (optional)                         our module sizes and decode settings (defaults: release)
 A missing piece is an error that names it. The original repository is not imported.
 

@@ -151,6 +151,7 @@ def test_detokenizer_input_is_not_normalised_as_in_the_release_config():
     from policies.modules.seed_x import ResamplerXLV2, SeedXConfig
 
     assert SeedXConfig().detokenizer_normalize is False
+    assert SeedXConfig().num_inference_steps == 50  # the release's text-to-image scripts (generate() says 30)
     torch.manual_seed(0)
     resampler = ResamplerXLV2(32, 1, 8, 4, 64, 16, 8, 16).eval()
     x = torch.randn(2, 64, 16) * 3.0

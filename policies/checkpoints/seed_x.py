@@ -6,6 +6,7 @@
     seed_detokenizer/first_stage/pytorch_model.bin        `resampler.*` and the fine-tuned UNet `to_k`/`to_v`
     sdxl/ (or `sdxl_path`, default the SDXL base hub id)  diffusers folders unet/, vae/, scheduler/
     negative_image_embeds.pt (or `negative_embeds_path`)  [64, 4096] ViT-G features of the zero image
+                                                          (python -m policies.checkpoints.seed_x_negative)
     seed_x_policy.json (optional)                         our module sizes and decode settings (defaults: release)
 """
 
@@ -55,7 +56,8 @@ def load_released(model_path: str, tokenizer_path: str | None, detokenizer_path:
         f"de-tokenizer ({DETOKENIZER_FILE})": Path(detokenizer_path) if detokenizer_path
         else _find(root, DETOKENIZER_FILE),
         f"negative branch features ({NEGATIVE_FILE}: the Qwen-VL ViT-G features of an all-zero 448 px image, "
-        "pooled to 64 x 4096)": Path(negative_embeds_path) if negative_embeds_path else _find(root, NEGATIVE_FILE),
+        "pooled to 64 x 4096; build it with python -m policies.checkpoints.seed_x_negative --vit qwen_vit_G.pt "
+        f"--out {root.parent / NEGATIVE_FILE})": Path(negative_embeds_path) if negative_embeds_path else _find(root, NEGATIVE_FILE),
     }
     missing = [f"{name} under {root} or {root.parent}" for name, p in pieces.items() if p is None or not p.exists()]
     if missing:
@@ -70,7 +72,7 @@ def load_released(model_path: str, tokenizer_path: str | None, detokenizer_path:
     config = SeedXConfig(**{**values, **overrides})
 
     llm = LlamaForCausalLM.from_pretrained(root / "llm")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
 
     output_resampler = OutputResampler(config.output_resampler_dim, config.output_resampler_heads,
                                        llm.config.hidden_size)
@@ -104,6 +106,17 @@ def load_released(model_path: str, tokenizer_path: str | None, detokenizer_path:
                          f"negative features, got {list(negative.shape)}")
     return dict(llm=llm, tokenizer=tokenizer, output_resampler=output_resampler, resampler=resampler, unet=unet,
                 vae=vae, scheduler=scheduler, negative_vit_embeds=negative, config=config)
+
+
+def load_tokenizer(folder: Path):
+    """The release's slow LLaMA tokenizer (`tokenizer.model` + `added_tokens.json`), converted by transformers
+    with sentencepiece (a dependency of grpo-img; named here because its absence surfaces as a tiktoken error)."""
+    if (folder / "tokenizer.model").exists() and not (folder / "tokenizer.json").exists():
+        try:
+            import sentencepiece  # noqa: F401
+        except ImportError as error:
+            raise ImportError(f"{folder} is a sentencepiece tokenizer: pip install sentencepiece") from error
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def _load_prefixed(module: nn.Module, state: dict, prefix: str, source: Path) -> None:

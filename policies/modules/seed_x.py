@@ -31,7 +31,9 @@ class SeedXConfig:
     # F.normalize of the de-tokenizer's input features: False in the release's de-tokenizer config
     # (configs/sdxl_adapter/sdxl_qwen_vit_resampler_l4_q64_pretrain_no_normalize.yaml; its class defaults to True)
     detokenizer_normalize: bool = False
-    num_inference_steps: int = 30
+    # the release's text-to-image scripts (src/inference/eval_text2img_seed_x{,_i}.py) pass 50;
+    # SDXLAdapter.generate's own default is 30
+    num_inference_steps: int = 50
     guidance_scale: float = 7.5
     image_size: int = 1024
     prompt_format: str = "instruct"

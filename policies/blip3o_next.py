@@ -25,7 +25,12 @@ Release facts the code relies on (JiuhaiChen/BLIP3o, branch BLIP3o-NEXT; ../shar
 - Keys in the checkpoint that text-to-image never uses are skipped on load: `model.vision_tower.*` (TA-Tok, an
   image encoder for understanding) and `model.vae_connector.*`. The original code downloads TA-Tok at import
   time; nothing here imports it.
-- Sampling as released: the full vocabulary, no AR-side CFG, T = 1 in RL (top_p 0.95 / top_k 1200 at inference).
+- Sampling in the release: no AR-side CFG and the full vocabulary everywhere. Its GRPO sampler
+  (`blip3o_qwen_grpo.py`, `generate_images`) calls `generate(do_sample=True, temperature=1.0)` and nothing else, so
+  the checkpoint's generation config decides truncation: transformers' default top-k 50 unless that config says
+  otherwise. Its trainer then scores the untruncated distribution (`logits / temperature`, log-softmax over the
+  full vocabulary), so the release samples from one distribution and trains on the log-probs of another. Its
+  inference script (`inference.py`) samples with top-p 0.95, top-k 1200 at temperature 1 (`release_sampling`).
 
 Deliberate differences, all stated:
 - Actions are the image tokens. By default sampling is restricted to the 65536 image-token ids, and only those
@@ -37,8 +42,13 @@ Deliberate differences, all stated:
 - The initial diffusion noise is seeded per row (`rollout.extras["decode_seed"]`, drawn from the sampling
   generator after the tokens), so one rollout always decodes to the same images; the release draws unseeded noise,
   which makes its environment stochastic for fixed tokens.
-- Positions come from the attention mask (`cumsum - 1`) in sampling, scoring and decoding alike; the release's
-  second (hidden-state) forward uses plain positions, which shifts left-padded rows.
+- Sampling here (`default_sampling`): temperature 1, no truncation, no AR-side CFG, and the same distribution in
+  sampling and scoring. So it differs from the release's RL sampler by the top-k 50 that `generate` applies there
+  (and by the image-token restriction below); `top_k=50` reproduces that truncation, in sampling and scoring alike.
+- The decoder's hidden states come from a forward with the attention mask. The release's second (hidden-state)
+  forward, `self.model(input_ids=gen_ids)`, passes no attention mask, so a left-padded row attends to its padding;
+  positions are not the difference (with padding masked out, RoPE sees only relative positions, so plain and
+  mask-derived positions give the same states).
 - The decoder reads the hidden states of the backbone as it is at decode time (with the LoRA adapter on), as the
   release does with its trained model: the "environment" is the frozen connector + Sana + DC-AE. So the adapter
   also moves the decoder's input along a path the policy gradient does not see;
@@ -126,8 +136,9 @@ class Blip3oNextPolicy(Policy):
     # image-token rows are ever read, so only they get gradients. Real runs keep it off (LoRA only): a full copy of
     # the 217k-row head costs ~3.5 GB of fp32 optimizer state.
     modules_to_save = ["lm_head"]
-    # As released for RL: no AR-side CFG, temperature 1, the full distribution (module docstring).
+    # The release's RL temperature, without the top-k 50 its generate() adds (module docstring), no AR-side CFG.
     default_sampling = SamplingSettings(cfg_scale=1.0, temperature=1.0)
+    release_sampling = SamplingSettings(cfg_scale=1.0, temperature=1.0, top_k=1200, top_p=0.95)  # its inference.py
     default_plan_end_marker = PLAN_END_MARKER
 
     def __init__(

@@ -298,3 +298,22 @@ def test_bf16_decoding_passes_sana_the_timestep_in_float32(tiny):
     expected = flow_scheduler(steps).timesteps
     assert [t.dtype for t in seen] == [torch.float32] * steps
     assert torch.equal(torch.stack([t[0] for t in seen]), expected) and 750.0 in expected.tolist()
+
+
+def test_decoder_hidden_states_differ_from_the_release_only_by_its_missing_mask(tiny):
+    """With padding masked out, plain positions give the same hidden states as mask-derived ones (RoPE is relative),
+    so what separates the release's hidden-state forward (no attention mask) from ours is the mask alone."""
+    rollout = sample(tiny, group_size=1)
+    padded = (rollout.prompt_mask == 0).any(dim=1)
+    assert padded.any() and not padded.all()  # one prompt is left-padded in the batch
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+    mask = torch.cat([rollout.prompt_mask, torch.ones_like(rollout.completion_ids)], dim=1)
+    plain = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        ours = tiny.decoder_hidden_states(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids)
+        start = rollout.prompt_ids.shape[1] - 1
+        plain_positions = tiny.hidden_states(ids, mask, plain)[:, start:]
+        release = tiny.model.model(input_ids=ids).last_hidden_state[:, start:]  # the release's call: no mask
+    assert torch.allclose(plain_positions, ours, atol=1e-4)
+    assert torch.allclose(release[~padded], ours[~padded], atol=1e-4)
+    assert not torch.allclose(release[padded], ours[padded], atol=1e-2)  # the padded row attends to its padding

@@ -29,7 +29,9 @@ def test_release_sampling_is_recorded_where_the_rl_default_differs():
     emu3, chameleon = policies.policy_class("emu3"), policies.policy_class("chameleon")
     assert (emu3.release_sampling.cfg_scale, emu3.release_sampling.top_k) == (3.0, 2048)
     assert (chameleon.release_sampling.temperature, chameleon.release_sampling.top_p) == (0.7, 0.9)
-    assert all(policies.policy_class(n).release_sampling is None for n in ("janus", "blip3o_next", "seed_x"))
+    blip3o = policies.policy_class("blip3o_next").release_sampling  # inference.py; its RL generate() is top-k 50
+    assert (blip3o.temperature, blip3o.top_k, blip3o.top_p) == (1.0, 1200, 0.95)
+    assert all(policies.policy_class(n).release_sampling is None for n in ("janus", "seed_x"))
 
 
 def test_unset_settings_sample_the_family_default_and_given_ones_override(tiny_policy):

@@ -42,20 +42,22 @@ Two modes:
   action), then exactly grid*grid image tokens (actions, restricted to image codes), then EOI (forced, action_mask
   False), then text again until EOS or the end. The rollout is a fixed [N, T] with
   T = text_tokens + grid*grid + 2; after EOS the row is padding (`extras["completion_mask"]` 0, action_mask False).
-  BOI may be chosen only while no image was opened and the image still fits (T - t >= grid*grid + 2); text steps
-  never see image tokens, EOI or pad. Text tokens are sampled from the conditional logits (no CFG, same temperature
-  and top-k/top-p) -- a simplification: the release uses a repetition penalty for text, which would make the scored
-  distribution depend on more than the prefix. A row that never opened an image decodes to a blank mid-grey image
-  (`image.info["no_image"] = True`), counted in `last_decode_missing` and logged; the reward scores that blank image
-  like any other, so opening no image is a choice with a consequence, not a masked-out sample.
+  BOI may be chosen only while no image was opened and the image still fits (T - t >= grid*grid + 2). Text steps
+  may write only what the release's text decoder allows: EOS, BOI and text tokens, never image tokens or special
+  ones (names starting with "<": EOI, pad, BOS, END-OF-TURN, the reserved tokens). Text tokens are sampled from
+  the conditional logits (no CFG, same temperature and top-k/top-p) -- a simplification: the release uses a
+  repetition penalty for text, which would make the scored distribution depend on more than the prefix. A row that
+  never opened an image decodes to a blank mid-grey image (`image.info["no_image"] = True`), counted in
+  `last_decode_missing` and logged; the reward scores that blank image like any other, so opening no image is a
+  choice with a consequence, not a masked-out sample.
 
 Think-then-draw (policies/plan.py), `mode="t2i"` only:
 - The plan-writing prompt is the t2i prompt without its BOI, `[BOS] request <reserved08706>`: the plan is the model's
   text turn after the user's (the layout interleaved mode samples too). It is written with the full `lm_head` on the
   decoder stack's hidden states (`text_logits`, the same path in sampling and scoring; transformers' forward would
-  put the image rows at finfo.min, we ban them instead). A plan may not write the 8192 image codes, EOI, pad, BOS or
-  the processor's `<image>` placeholder (`plan_banned_ids`); it stops at EOS (the default end marker), at BOI, or
-  after `max_tokens`.
+  put the image rows at finfo.min, we ban them instead). A plan may write what interleaved text steps may: not the
+  8192 image codes nor any special token (EOI, pad, BOS, `<image>`, the reserved tokens; `plan_banned_ids`); it
+  stops at EOS (the default end marker), at BOI, or after `max_tokens`.
 - The image follows `[BOS] request <reserved08706> plan <racm3:break>` (`image_prefix_ids = [BOI]`, the end marker
   and padding masked out; a plan that chose BOI itself has no second one). Nothing goes between plan and BOI: that
   is how Anole's interleaved outputs open an image after text, and an END-OF-TURN there would claim a turn boundary
@@ -141,14 +143,17 @@ class ChameleonPolicy(Policy):
         self._image_ids = image_ids  # column j of the image head is BPE id image_ids[j]
         self._bpe_to_code = torch.full((vocab_size,), -1, dtype=torch.long).index_put_((image_ids,), codes)
         self._is_image = torch.zeros(vocab_size, dtype=torch.bool).index_fill_(0, image_ids, True)
-        # text steps may never produce image tokens, EOI or pad; BOI only where an image may still open
+        # Text steps may write what the release's text decoder allows (chameleon/inference/chameleon.py,
+        # TextDecoder._allowed_tokens): EOS, BOI and the text tokens, i.e. every token but the IMGIMG image tokens
+        # and the special ones, whose names start with "<" (vocab.py; "<" itself is text). That bans EOI, pad, BOS,
+        # END-OF-TURN and every <reservedNNNNN>. BOI is further limited to where an image may still open.
+        special = [i for name, i in vocab.items() if name.startswith("<") and name != "<"]
         self._text_banned = self._is_image.clone()
-        self._text_banned[[self.eoi_id, self.pad_id]] = True
-        image_placeholder = vocab.get(getattr(tokenizer, "image_token", None) or "<image>")
-        # a plan writes what interleaved text steps may write, minus BOS (which the unconditional CFG row would keep)
-        # and the processor's <image> placeholder
-        self._plan_banned = self._text_banned.nonzero().flatten().tolist() + [self.bos_id] + (
-            [image_placeholder] if image_placeholder is not None else [])
+        self._text_banned[special] = True
+        self._text_banned[[self.eos_id, self.boi_id]] = False
+        # a plan writes what interleaved text steps may write (BOS stays banned: the unconditional CFG row keeps
+        # every BOS, so a written one would leak into it; so does the processor's <image> placeholder)
+        self._plan_banned = self._text_banned.nonzero().flatten().tolist()
         self.grid = decoder.grid
         self.image_size = decoder.config.resolution
         image_tokens = self.grid * self.grid
@@ -267,10 +272,10 @@ class ChameleonPolicy(Policy):
         return [self.boi_id]
 
     def plan_banned_ids(self, end_marker_id: int) -> list[int]:
-        """The image codes, EOI and pad (as for interleaved text steps), BOS (the unconditional CFG row keeps every
-        BOS, so a written one would leak into it) and the processor's `<image>` placeholder. BOI is allowed: it ends
-        the plan."""
-        return self._plan_banned
+        """What interleaved text steps may not write: the image codes and every special token (EOI, pad, BOS --
+        the unconditional CFG row keeps every BOS, so a written one would leak into it --, `<image>`, the reserved
+        tokens), except a special end marker the config chose. BOI is allowed: it ends the plan."""
+        return [i for i in self._plan_banned if i != end_marker_id]
 
     def unconditional_mask(self, ids: Tensor, mask: Tensor) -> Tensor:
         """The release's unconditional context as an attention mask over the same sequence: BOS, BOI, EOI and image

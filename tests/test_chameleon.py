@@ -1,6 +1,8 @@
 """Chameleon / Anole specifics: the restricted image head, the VQGAN decoder and its release-checkpoint loader, the
 interleaved mode, and a short GRPO run on the demo reward."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -226,6 +228,28 @@ def test_interleaved_rollout_structure(interleaved):
         else:
             assert live.all()
     assert 0 < opened < n, "the test needs rows with and without an image"
+
+
+def test_interleaved_text_steps_write_only_what_the_release_allows(interleaved):
+    """The release's text decoder allows EOS, BOI and text tokens: not image tokens, nor any token whose name starts
+    with "<" (EOI, pad, BOS, END-OF-TURN <reserved08706>, <image>), however likely the model makes them."""
+    policy = copy.deepcopy(interleaved)
+    vocab = policy.tokenizer.get_vocab()
+    special = {i for name, i in vocab.items() if name.startswith("<") and name != "<"}
+    allowed = {i for i in range(len(policy._text_banned)) if not policy._text_banned[i]}
+    text = set(vocab.values()) - special - set(policy._image_ids.tolist())
+    assert allowed == text | {policy.eos_id, policy.boi_id}
+    assert {policy.eot_id, policy.eoi_id, policy.pad_id, policy.bos_id, vocab["<image>"]} <= special - allowed
+    # make END-OF-TURN and <image> the most likely tokens at every text step: they are still never written
+    with torch.no_grad():
+        weight = policy.model.lm_head.weight
+        for banned in (policy.eot_id, vocab["<image>"]):
+            weight[banned] = weight[policy.boi_id] * 3
+    rollout = policy.sample(PROMPTS, 4, generator=torch.Generator().manual_seed(0))
+    written = rollout.completion_ids[rollout.action_mask.bool()]
+    assert not torch.isin(written, torch.tensor(sorted(special - {policy.eos_id, policy.boi_id}))).any()
+    scored = policy.token_logprobs(rollout, "mixture").detach()
+    assert (scored - rollout.logprobs)[rollout.action_mask.bool()].abs().max() <= 1e-4
 
 
 def test_interleaved_logprobs_reproduce_sampling(interleaved):

@@ -66,6 +66,10 @@ class SamplingSettings:
     def uses_cfg(self) -> bool:
         return self.cfg_scale != 1.0
 
+    @property
+    def truncates(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0
+
     def override(self, cfg_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None) -> "SamplingSettings":
         """These settings with every value that is not None replaced (None: keep this, e.g. the family default)."""
@@ -91,6 +95,9 @@ class Rollout:
     # padded after its stop token; `plans` is its text per row (for logging and rewards). 0 / None without a plan.
     num_plan_tokens: int = 0
     plans: list[str] | None = None
+    # [N, T] int32: how many tokens the sampler's truncation (top-k/top-p, bans) kept at each sampled position, so that
+    # scoring keeps the same set (`process_logits(kept=...)`); 0 where nothing was sampled. None: recompute.
+    kept: Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -129,6 +136,7 @@ class PlanBatch:
     written: Tensor  # [N, M] bool, tokens actually written (incl. the stop token)
     logprobs: Tensor  # [N, M] float32, 0 where not written
     texts: list[str]
+    kept: Tensor | None = None  # [N, M] int32, see Rollout.kept
 
 
 @dataclass
@@ -168,23 +176,33 @@ class ImageSample:
     free: Tensor  # [N, T] bool, free choices (False: forced, log-prob 0)
     logprobs: Tensor  # [N, T] float32
     extras: dict = field(default_factory=dict)
+    kept: Tensor | None = None  # [N, T] int32, see Rollout.kept
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The one definition of the sampled distribution
 
 
-def process_logits(cond: Tensor, uncond: Tensor | None, settings: SamplingSettings) -> Tensor:
+def process_logits(cond: Tensor, uncond: Tensor | None, settings: SamplingSettings, kept: Tensor | None = None
+                   ) -> Tensor:
     """Guided, tempered, truncated logits, in float32. Masked-out tokens are -inf.
 
     CFG is applied to raw logits, `u + s (c - u)`, as Janus-Pro and Chameleon do it; a family whose release mixes
     log-softmaxes instead (Emu3) normalises its inputs before calling this.
+
+    `kept` (scoring; one count per row of `cond`, from `kept_counts` at sampling time) replays the sampler's
+    truncation: the `kept` most likely tokens stay. Recomputing top-p from teacher-forced logits, which differ from
+    the incremental ones in the last bits, would flip a token that sits on the boundary in or out and move every
+    log-prob of that step (3.5e-3 was seen at top-p 0.9); replayed, the kept set is the same up to the order of
+    exact ties, which does not change the distribution.
     """
     logits = cond.float()
     if uncond is not None and settings.uses_cfg:
         uncond = uncond.float()
         logits = uncond + settings.cfg_scale * (logits - uncond)
     logits = logits / settings.temperature
+    if kept is not None and settings.truncates:
+        return keep_most_likely(logits, kept)
     if settings.top_k > 0 and settings.top_k < logits.shape[-1]:
         kth = torch.topk(logits, settings.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -196,6 +214,27 @@ def process_logits(cond: Tensor, uncond: Tensor | None, settings: SamplingSettin
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def kept_counts(processed: Tensor) -> Tensor:
+    """[B] int32: the tokens a processed distribution [B, V] keeps (its finite logits), for `process_logits(kept=)`."""
+    return torch.isfinite(processed).sum(-1, dtype=torch.int32)
+
+
+def keep_most_likely(logits: Tensor, kept: Tensor) -> Tensor:
+    """Logits [..., V] with all but the `kept` [...] largest of each row at -inf (kept 0: the row was not sampled,
+    keep all, so that masked-out positions stay finite)."""
+    kept = torch.where(kept > 0, kept, logits.shape[-1]).to(logits.device)
+    rank = torch.empty_like(logits, dtype=torch.int32).scatter_(
+        -1, logits.argsort(dim=-1, descending=True, stable=True),
+        torch.arange(logits.shape[-1], dtype=torch.int32, device=logits.device).expand(logits.shape).contiguous())
+    return logits.masked_fill(rank >= kept.unsqueeze(-1), float("-inf"))
+
+
+def truncated_pixels(x: Tensor) -> Tensor:
+    """Decoder output in [-1, 1] -> uint8 as the Janus-Pro and Emu3 releases write it: (x + 1) / 2 * 255 in float32,
+    clipped to [0, 255] and truncated (numpy's astype / a uint8 array assignment), not rounded."""
+    return ((x.float() + 1) / 2 * 255).clamp(0, 255).to(torch.uint8)
 
 
 def sample_from_logits(logits: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -500,19 +539,22 @@ class Policy(ABC):
                     for index, stream in enumerate(self.image_streams(ids, mask, repeats, guided))]
         tokens = forced.repeat(n, 1)
         logprobs = torch.zeros(n, steps, dtype=torch.float32, device=self.device)
+        kept = torch.zeros(n, steps, dtype=torch.int32, device=self.device)
         is_free = free.tolist()  # a Python list: no device sync per step
         for t in range(last_free + 1):
             if is_free[t]:
                 logits = [self.image_logits(decoder.last) for decoder in decoders]
                 logits = logits[0] if len(logits) == 1 else torch.cat(logits)
-                index, logprobs[:, t] = sample_from_logits(
-                    process_logits(logits[:n], logits[n:] if guided else None, settings), generator)
+                processed = process_logits(logits[:n], logits[n:] if guided else None, settings)
+                index, logprobs[:, t] = sample_from_logits(processed, generator)
                 tokens[:, t] = self.image_token_ids(index)
+                if settings.truncates:
+                    kept[:, t] = kept_counts(processed)
             if t == last_free:
                 break
             for decoder in decoders:
                 decoder.step(self.image_inputs(tokens[:, t : t + 1].repeat(len(decoder.mask) // n, 1)))
-        return ImageSample(tokens, free.expand(n, -1).clone(), logprobs)
+        return ImageSample(tokens, free.expand(n, -1).clone(), logprobs, kept=kept)
 
     def start_decoder(self, stream: Stream, max_new_tokens: int, index: int = 0) -> CachedDecoder:
         """Prefill `stream` on a fresh cache (a reused StaticCache with `static_cache`)."""
@@ -563,18 +605,21 @@ class Policy(ABC):
                      settings: SamplingSettings, extras: dict) -> Rollout:
         """A rollout with or without a plan span in front of the image span."""
         completion, action, logprobs, width, texts = image.tokens, image.free, image.logprobs, 0, None
+        kept = image.kept if image.kept is not None else torch.zeros_like(image.tokens, dtype=torch.int32)
         plan = contexts.plan
         if plan is not None:
             completion = torch.cat([plan.ids, image.tokens], dim=1)
             action = torch.cat([plan.written & self.plan.train_plan, image.free & self.plan.train_image], dim=1)
             logprobs = torch.cat([plan.logprobs, image.logprobs], dim=1)
             width, texts = plan.ids.shape[1], plan.texts
+            kept = torch.cat([plan.kept if plan.kept is not None else torch.zeros_like(plan.ids, dtype=torch.int32),
+                              kept], dim=1)
         return Rollout(
             prompts=[p for p in prompts for _ in range(group_size)],
             group_index=torch.arange(len(prompts), device=self.device).repeat_interleave(group_size),
             prompt_ids=contexts.prompt_ids, prompt_mask=contexts.prompt_mask, completion_ids=completion,
             action_mask=action, logprobs=logprobs, sampling=settings, extras=extras, num_plan_tokens=width,
-            plans=texts,
+            plans=texts, kept=kept,
         )
 
     # -- the template: score ------------------------------------------------------------------------------------
@@ -621,10 +666,13 @@ class Policy(ABC):
         hidden = torch.cat(hidden) if len(hidden) > 1 else hidden[0]
         choices = self.image_choice_index(image_ids if all_free else image_ids[:, free])
         settings = rollout.sampling
+        kept = rollout.kept[:, rollout.num_plan_tokens:] if rollout.kept is not None and settings.truncates else None
+        if kept is not None and not all_free:
+            kept = kept[:, free]
 
-        def head(hidden_chunk: Tensor, choice_chunk: Tensor) -> tuple[Tensor, Tensor]:
+        def head(hidden_chunk: Tensor, choice_chunk: Tensor, kept_chunk: Tensor | None) -> tuple[Tensor, Tensor]:
             logits = self.image_logits(hidden_chunk)
-            processed = process_logits(logits[:n], logits[n:] if guided else None, settings)
+            processed = process_logits(logits[:n], logits[n:] if guided else None, settings, kept_chunk)
             entropy = entropy_of_logits(processed.detach()) if return_entropy else processed.new_zeros(0)
             return selective_log_softmax(processed, choice_chunk), entropy
 
@@ -632,10 +680,11 @@ class Policy(ABC):
         parts, entropies = [], []
         for start in range(0, len(free), chunk_size):
             chunk = slice(start, start + chunk_size)
+            kept_chunk = kept[:, chunk] if kept is not None else None
             if self.score_chunk_size and torch.is_grad_enabled():  # logits are recomputed per chunk in backward
-                logp, entropy = checkpoint(head, hidden[:, chunk], choices[:, chunk], use_reentrant=False)
+                logp, entropy = checkpoint(head, hidden[:, chunk], choices[:, chunk], kept_chunk, use_reentrant=False)
             else:
-                logp, entropy = head(hidden[:, chunk], choices[:, chunk])
+                logp, entropy = head(hidden[:, chunk], choices[:, chunk], kept_chunk)
             parts.append(logp)
             entropies.append(entropy)
         logprobs = torch.cat(parts, 1)

@@ -83,8 +83,8 @@ from torch import Tensor, nn
 from trl.trainer.utils import selective_log_softmax
 
 from policies import tiny as toy
-from policies.base import (ImageSample, Policy, Rollout, SamplingSettings, entropy_of_logits, position_ids_from_mask,
-                           process_logits, run_decoder, sample_from_logits)
+from policies.base import (ImageSample, Policy, Rollout, SamplingSettings, entropy_of_logits, kept_counts,
+                           position_ids_from_mask, process_logits, run_decoder, sample_from_logits)
 from policies.checkpoints.vqgan import (VQGAN_FILENAME, default_vqgan_path, load_vqgan_decoder,
                                        save_vqgan_decoder)
 from policies.modules.vqgan import VQGANDecoder
@@ -338,6 +338,7 @@ class ChameleonPolicy(Policy):
 
         tokens = torch.full((n, steps), self.pad_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(n, steps, dtype=torch.float32, device=device)
+        kept = torch.zeros(n, steps, dtype=torch.int32, device=device)
         completion_mask = torch.zeros(n, steps, dtype=torch.long, device=device)
         in_image = torch.zeros(n, dtype=torch.bool, device=device)  # inside an image span
         image_count = torch.zeros(n, dtype=torch.long, device=device)
@@ -348,21 +349,25 @@ class ChameleonPolicy(Policy):
             cond = hidden[:n]
             step_tokens = torch.full((n,), self.pad_id, dtype=torch.long, device=device)
             step_lp = torch.zeros(n, dtype=torch.float32, device=device)
+            step_kept = torch.zeros(n, dtype=torch.int32, device=device)
             image_rows = in_image & (image_count < image_len)
             eoi_rows = in_image & (image_count == image_len)
             text_rows = ~in_image & ~done
             if image_rows.any():
                 uncond = self.image_logits(hidden[n:][image_rows]) if cfg else None
-                code, lp = sample_from_logits(process_logits(self.image_logits(cond[image_rows]), uncond, settings),
-                                              generator)
+                processed = process_logits(self.image_logits(cond[image_rows]), uncond, settings)
+                code, lp = sample_from_logits(processed, generator)
                 step_tokens[image_rows], step_lp[image_rows] = self.image_token_ids(code), lp
+                step_kept[image_rows] = kept_counts(processed)
             if text_rows.any():
                 allowed = self._boi_allowed(t, opened[text_rows])
-                logits = process_logits(self._text_step_logits(cond[text_rows], allowed), None, text_settings)
-                step_tokens[text_rows], step_lp[text_rows] = sample_from_logits(logits, generator)
+                processed = process_logits(self._text_step_logits(cond[text_rows], allowed), None, text_settings)
+                step_tokens[text_rows], step_lp[text_rows] = sample_from_logits(processed, generator)
+                step_kept[text_rows] = kept_counts(processed)
             step_tokens[eoi_rows] = self.eoi_id  # forced, log-prob 0
             attended = ~done
             tokens[:, t], logprobs[:, t], completion_mask[:, t] = step_tokens, step_lp, attended.long()
+            kept[:, t] = step_kept
 
             # bookkeeping of the row states
             image_count = image_count + image_rows.long()
@@ -378,7 +383,8 @@ class ChameleonPolicy(Policy):
                 new_mask = torch.cat([new_mask, self.unconditional_mask(step_tokens[:, None], new_mask)])
             decoder.step(feed, new_mask[:, 0])
         free = completion_mask.bool() & (tokens != self.eoi_id)
-        return ImageSample(tokens, free, logprobs, {"completion_mask": completion_mask})
+        return ImageSample(tokens, free, logprobs, {"completion_mask": completion_mask},
+                           kept=kept if settings.truncates else None)
 
     def score_image(self, rollout: Rollout, context_ids: Tensor, context_mask: Tensor, guided: bool,
                     return_entropy: bool) -> tuple[Tensor, Tensor | None]:
@@ -396,6 +402,7 @@ class ChameleonPolicy(Policy):
 
         is_image = self._is_image.to(completion.device)[completion] & completion_mask.bool()
         is_text = rollout.action_mask[:, rollout.num_plan_tokens:] & ~is_image
+        kept = rollout.kept[:, rollout.num_plan_tokens:] if rollout.kept is not None and settings.truncates else None
         logprobs = torch.zeros(n, steps, dtype=torch.float32, device=completion.device)
         entropy = torch.zeros_like(logprobs)
         if is_image.any():
@@ -404,7 +411,8 @@ class ChameleonPolicy(Policy):
                 uncond_mask = self.unconditional_mask(seq, cond_mask)
                 hidden_u = self.hidden_states(seq, uncond_mask, position_ids_from_mask(uncond_mask))[:, start:]
                 uncond = self.image_logits(hidden_u[is_image])
-            processed = process_logits(self.image_logits(hidden[is_image]), uncond, settings)
+            processed = process_logits(self.image_logits(hidden[is_image]), uncond, settings,
+                                       kept[is_image] if kept is not None else None)
             codes = self.image_choice_index(completion[is_image])
             logprobs = logprobs.index_put((is_image.nonzero(as_tuple=True)), selective_log_softmax(processed, codes))
             if return_entropy:
@@ -414,7 +422,8 @@ class ChameleonPolicy(Policy):
             opened_before = (torch.cumsum(is_boi, 1) - is_boi) > 0  # a BOI strictly before this step
             step = torch.arange(steps, device=completion.device).expand(n, steps)
             allowed = self._boi_allowed(step[is_text], opened_before[is_text])
-            processed = process_logits(self._text_step_logits(hidden[is_text], allowed), None, text_settings)
+            processed = process_logits(self._text_step_logits(hidden[is_text], allowed), None, text_settings,
+                                       kept[is_text] if kept is not None else None)
             logprobs = logprobs.index_put((is_text.nonzero(as_tuple=True)),
                                           selective_log_softmax(processed, completion[is_text]))
             if return_entropy:

@@ -16,6 +16,8 @@ Release facts the code relies on (baaivision/Emu3 `image_generation.py`, transfo
   distribution s (log_softmax c - log_softmax u) + log_softmax u. We normalise both rows with log_softmax and hand
   them to `process_logits`, which then applies the same u + s (c - u), temperature, top-k and top-p in sampling and
   scoring alike. The release samples with top_k 2048; the policy leaves top-k to the run config.
+- Pixels: the image processor's `postprocess` (unnormalise with mean/std 0.5, times 255, clip, `astype(uint8)`),
+  i.e. (x + 1) / 2 * 255 truncated, not rounded (`truncated_pixels`).
 
 Deliberate choices:
 - The negative prompt carries the image header (`negative_prompt_header=True`), as BAAI's release builds it (both
@@ -68,7 +70,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from policies import tiny as toy
-from policies.base import Policy, Rollout, SamplingSettings, Stream, run_decoder
+from policies.base import Policy, Rollout, SamplingSettings, Stream, run_decoder, truncated_pixels
 
 RELEASE_NEGATIVE_PROMPT = (
     "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst quality, "
@@ -340,7 +342,7 @@ class Emu3Policy(Policy):
         images = []
         for chunk in rollout.image_ids.split(self.decode_batch_size):
             pixels = self.model.decode_image_tokens(image_tokens=chunk, height=self.height, width=self.width)
-            pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [B, 3, H, W]
+            pixels = truncated_pixels(pixels)  # [B, 3, H, W]; the release's postprocess truncates (astype uint8)
             images.extend(Image.fromarray(p) for p in pixels.permute(0, 2, 3, 1).cpu().numpy())
         return images
 

@@ -16,6 +16,8 @@ with the rest of the prompt (all pads but BOS/BOI), i.e. the released null condi
 One deliberate difference from `generate`: positions come from the attention mask (`cumsum - 1`), in sampling and
 scoring alike, so left padding does not shift a prompt's positions and its samples do not depend on the batch.
 
+Pixels as released (`generation_inference.py`): (x + 1) / 2 * 255 in float32, clipped, truncated to uint8.
+
 Sampling defaults (`default_sampling`) as released: CFG weight 5, temperature 1, the full codebook (no top-k/top-p).
 The decode loop and its speed options (`static_cache`, `compile_decode`) are the engine's (policies/base.py).
 """
@@ -27,7 +29,7 @@ from PIL import Image
 from torch import Tensor
 
 from policies import tiny as toy
-from policies.base import Policy, Rollout, SamplingSettings, run_decoder
+from policies.base import Policy, Rollout, SamplingSettings, run_decoder, truncated_pixels
 
 RELEASE_PAD_TOKEN = "<｜▁pad▁｜>"  # the release's pad token (DeepSeek tokenizer), named so in its processor
 
@@ -164,7 +166,7 @@ class JanusPolicy(Policy):
         images = []
         for chunk in rollout.image_ids.split(self.decode_batch_size):
             pixels = self.model.decode_image_tokens(chunk)  # [B, H, W, 3], channels-last, about [-1, 1]
-            pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+            pixels = truncated_pixels(pixels).cpu().numpy()  # the release truncates (generation_inference.py)
             images.extend(Image.fromarray(p) for p in pixels)
         return images
 

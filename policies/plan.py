@@ -38,7 +38,8 @@ from transformers import DynamicCache
 from trl.trainer.utils import selective_log_softmax
 
 from policies.base import (CachedDecoder, ImageContexts, PlanBatch, Policy, Rollout, SamplingSettings,
-                           entropy_of_logits, position_ids_from_mask, process_logits, sample_from_logits)
+                           entropy_of_logits, kept_counts, position_ids_from_mask, process_logits,
+                           sample_from_logits)
 
 # The bare prompt: the family's template around it asks for the plan. Configs set a T2I-R1-style request instead.
 DEFAULT_INSTRUCTION = "{prompt}"
@@ -105,10 +106,10 @@ class Planner:
     def plan_stop_ids(self) -> Tensor:
         return self.stop_ids.to(self.device)
 
-    def _distribution(self, logits: Tensor) -> Tensor:
+    def _distribution(self, logits: Tensor, kept: Tensor | None = None) -> Tensor:
         if self.banned is not None:
             logits = logits.float().index_fill(-1, self.banned.to(logits.device), float("-inf"))
-        return process_logits(logits, None, self.settings.sampling)
+        return process_logits(logits, None, self.settings.sampling, kept)
 
     def plan_written(self, span: Tensor) -> Tensor:
         """[N, M] bool: the tokens up to and including the first stop token (all of them if there is none)."""
@@ -137,11 +138,15 @@ class Planner:
 
         span = torch.full((n, width), pad, dtype=torch.long, device=self.device)
         logprobs = torch.zeros(n, width, dtype=torch.float32, device=self.device)
+        kept = torch.zeros(n, width, dtype=torch.int32, device=self.device)
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
         for t in range(width):
-            token, logprob = sample_from_logits(self._distribution(logits), generator)
+            processed = self._distribution(logits)
+            token, logprob = sample_from_logits(processed, generator)
             span[:, t] = torch.where(done, pad, token)
             logprobs[:, t] = torch.where(done, 0.0, logprob)
+            if self.settings.sampling.truncates:
+                kept[:, t] = torch.where(done, 0, kept_counts(processed))
             written = ~done
             done = done | torch.isin(token, stop_ids)
             if bool(done.all()) or t + 1 == width:
@@ -152,7 +157,7 @@ class Planner:
         written = self.plan_written(span)
         texts = policy.plan_tokenizer.batch_decode(span.masked_fill(~written | torch.isin(span, stop_ids), pad),
                                                    skip_special_tokens=True)
-        return ids, mask, PlanBatch(span, written, logprobs, [t.strip() for t in texts])
+        return ids, mask, PlanBatch(span, written, logprobs, [t.strip() for t in texts], kept)
 
     def image_contexts(self, prompts: list[str], group_size: int, generator: torch.Generator | None
                        ) -> ImageContexts:
@@ -180,6 +185,7 @@ class Planner:
         mask = torch.cat([rollout.prompt_mask, written.to(rollout.prompt_mask.dtype)], dim=1)
         start = rollout.prompt_ids.shape[1] - 1  # the hidden state before token t predicts token t
         logits = self.policy.text_logits(ids[:, :-1], mask[:, :-1], position_ids_from_mask(mask[:, :-1]))[:, start:]
-        processed = self._distribution(logits)
+        kept = rollout.kept[:, : rollout.num_plan_tokens] if rollout.kept is not None else None
+        processed = self._distribution(logits, kept)
         logprobs = selective_log_softmax(processed, span).masked_fill(~written, 0.0)
         return logprobs, entropy_of_logits(processed.detach()).masked_fill(~written, 0.0)

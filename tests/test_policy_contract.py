@@ -1,5 +1,7 @@
 """The contract every registered policy must satisfy (tiny random-weight models of the real architectures)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import Image
@@ -158,3 +160,73 @@ def test_janus_refuses_a_pad_token_other_than_the_releases():
         JanusPolicy(model, processor)
     processor.tokenizer.pad_token = RELEASE_PAD_TOKEN
     assert JanusPolicy(model, processor).pad_id == processor.tokenizer.convert_tokens_to_ids(RELEASE_PAD_TOKEN)
+
+
+def test_top_p_boundary_is_decided_once_at_sampling_and_replayed_in_scoring():
+    """A token whose preceding mass sits on top_p: logits that differ in the last bits (incremental decode vs
+    teacher forcing) fall on different sides, and recomputing the cut moves every log-prob of the step. Scoring
+    with the sampler's kept count keeps the same set, so the two agree to float precision."""
+    from policies.base import SamplingSettings, kept_counts, process_logits
+
+    settings = SamplingSettings(top_p=0.9)
+    base = torch.tensor([[0.5, 0.4, 0.06, 0.04]]).log()
+    sides = []
+    for nudge in torch.linspace(-4e-6, 4e-6, 41):
+        logits = base.clone()
+        logits[0, 1] += nudge  # the second token's mass takes the cumulative mass across 0.9
+        sides.append(int(kept_counts(process_logits(logits, None, settings))))
+    assert set(sides) == {2, 3}, "the construction must straddle the boundary"
+    incremental = base.clone()
+    incremental[0, 1] += 4e-6
+    teacher_forced = base.clone()
+    teacher_forced[0, 1] -= 4e-6
+    sampled = process_logits(incremental, None, settings)
+    kept = kept_counts(sampled)
+    recomputed = process_logits(teacher_forced, None, settings)
+    replayed = process_logits(teacher_forced, None, settings, kept)
+    token = torch.tensor([0])
+    lp = lambda logits: torch.log_softmax(logits, -1)[0, token]  # noqa: E731
+    assert (lp(sampled) - lp(recomputed)).abs() > 1e-2  # the flip: the kept set changed
+    assert (lp(sampled) - lp(replayed)).abs() < 1e-5
+    assert torch.equal(torch.isfinite(replayed), torch.isfinite(sampled))
+    # a row that was not sampled (kept 0) keeps everything; without truncation kept is ignored
+    assert torch.isfinite(process_logits(teacher_forced, None, settings, torch.tensor([0]))).all()
+    assert torch.isfinite(process_logits(teacher_forced, None, SamplingSettings(), torch.tensor([1]))).all()
+
+
+@pytest.mark.parametrize("policy_name", ["janus", "chameleon"])
+def test_rollouts_carry_the_kept_counts_scoring_replays(policy_name):
+    policy = build_tiny(policy_name)
+    rollout = policy.sample(PROMPTS, 2, top_k=20, top_p=0.8, generator=torch.Generator().manual_seed(0))
+    free = rollout.action_mask
+    assert rollout.kept.shape == rollout.completion_ids.shape
+    assert (rollout.kept[free] >= 1).all() and (rollout.kept[free] <= 20).all() and (rollout.kept[~free] == 0).all()
+    with torch.no_grad():
+        scored = policy.token_logprobs(rollout)
+        # scoring keeps exactly the sampled sets: forcing other counts changes the log-probs
+        other = policy.token_logprobs(replace(rollout, kept=torch.where(free, 1, 0).int()))
+    assert (scored - rollout.logprobs)[free].abs().max() <= 1e-4
+    # kept 1: only the most likely token stays, so a sampled token scores 0 if it was the argmax, else -inf
+    assert ((other[free] == 0) | (other[free] == float("-inf"))).all() and (other[free] == float("-inf")).any()
+
+
+@pytest.mark.parametrize("policy_name", ["janus", "emu3"])
+def test_pixels_are_truncated_as_the_releases_write_them(policy_name):
+    """Janus-Pro's generation_inference.py and Emu3's postprocess: np.clip((x + 1) / 2 * 255, 0, 255) cast to uint8
+    (truncation). Rounding would put about half the values one level higher."""
+    import numpy as np
+
+    policy = build_tiny(policy_name)
+    rollout = sample(policy, group_size=2)
+    with torch.no_grad():
+        if policy_name == "janus":
+            decoded = policy.model.decode_image_tokens(rollout.image_ids).float().numpy()  # [B, H, W, 3]
+        else:
+            decoded = policy.model.decode_image_tokens(image_tokens=rollout.image_ids, height=policy.height,
+                                                       width=policy.width).float().permute(0, 2, 3, 1).numpy()
+    release = np.clip((decoded + 1) / 2 * 255, 0, 255).astype(np.uint8)
+    ours = np.stack([np.asarray(image) for image in policy.decode(rollout)])
+    assert np.array_equal(ours, release)
+    inside = (decoded > -1) & (decoded < 1)  # unsaturated values: there rounding differs from truncation
+    rounded = np.clip((decoded + 1) / 2 * 255, 0, 255).round().astype(np.uint8)
+    assert inside.mean() > 0.1 and (rounded != release)[inside].mean() > 0.3

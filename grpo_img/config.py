@@ -107,7 +107,7 @@ class GRPOImgConfig:
     max_steps: int = 100
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    lora_dropout: float = 0.0  # must stay 0: dropout would make the on-policy ratio differ from 1
     train_image_heads: bool = True  # image heads as peft modules_to_save, where the family has them
     gradient_checkpointing: bool = False
     fsdp_gather_for_sampling: bool = False  # under FSDP: keep the layers gathered while sampling (grpo_img/sharding.py)
@@ -161,6 +161,10 @@ class GRPOImgConfig:
             raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
         if self.cfg_mode not in ("mixture", "conditional"):
             raise ValueError(f"cfg_mode must be 'mixture' or 'conditional', got {self.cfg_mode!r}")
+        if self.lora_dropout != 0:
+            raise ValueError(f"lora_dropout must be 0, got {self.lora_dropout}: GRPO's ratio compares the scored "
+                             "distribution with the sampled one, and dropout in the training forward would make "
+                             "them differ on-policy, so grpo-img trains with dropout off everywhere")
         for name in ("max_steps", "num_iterations", "per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -38,6 +38,15 @@ def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "gro
     return advantages.nan_to_num(0.0).view(-1)
 
 
+def zero_variance_groups(rewards: Tensor, group_size: int, tolerance: float = 1e-6) -> Tensor:
+    """[groups] bool: groups whose scored samples carry no learning signal, i.e. fewer than two of them were scored
+    or their rewards are equal within `tolerance` (std of the scored samples only; unscored samples are NaN)."""
+    grouped = rewards.view(-1, group_size).float()
+    scored = (~torch.isnan(grouped)).sum(1)
+    std = nanstd(grouped, dim=1).nan_to_num(0.0)
+    return (scored < 2) | (std <= tolerance)
+
+
 @dataclass
 class LossNormalizer:
     """Counts over one optimizer window (all micro-batches of one update, all processes), per process.

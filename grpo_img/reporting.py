@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -38,9 +41,25 @@ class MetricsLog:
             self.writer.close()
 
 
+def read_step_log(path: Path) -> list[tuple[str, dict]]:
+    """The (line, record) pairs of a JSONL step log. A torn last line (the run died mid-write: power loss, a full
+    disk) is dropped with a warning; an unreadable line before the last one is corruption and an error."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not JSON (and it is not the last line, so this is not a "
+                                 "write cut short): the log is corrupted") from None
+            log.warning("%s: dropping its torn last line (%d characters), written when the run stopped mid-write",
+                        path, len(line))
+    return records
+
+
 def read_metrics(output_dir: str | Path) -> list[dict]:
-    path = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in read_step_log(Path(output_dir) / "metrics.jsonl")]
 
 
 def image_grid(images: list[Image.Image], captions: list[str], columns: int, cell: int = 128) -> Image.Image:
@@ -93,5 +112,5 @@ def restart_step_log(path: Path, resume_step: int | None) -> None:
     if resume_step is None:
         path.unlink()
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+    kept = [line for line, record in read_step_log(path) if record["step"] <= resume_step]
     path.write_text("".join(line + "\n" for line in kept))

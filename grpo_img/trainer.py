@@ -25,7 +25,7 @@ from grpo_img.checkpoint import find_checkpoint, load_adapter, load_trainer_stat
 from grpo_img.config import GRPOImgConfig, save_config
 from grpo_img.data import PromptRecord, PromptSchedule, load_prompts
 from grpo_img.evaluate import Sampling, evaluate, reward_benchmark
-from grpo_img.loss import LossNormalizer, group_advantages, grpo_loss
+from grpo_img.loss import LossNormalizer, group_advantages, grpo_loss, zero_variance_groups
 from grpo_img.reporting import MetricsLog, image_grid, plot_reward_curve, read_metrics
 from grpo_img.distributed import (broadcast_trainable, check_distributed_type, gather_for_saving, shard_for_training,
                                   sync_gradients)
@@ -107,7 +107,10 @@ def grpo_step(
     #    gradient_accumulation_steps micro-batches, num_iterations passes.
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sums = {"loss": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0, "gap_sum": 0.0,
-            "grad_norm": 0.0}
+            "gap_tokens": 0.0, "drift_sum": 0.0, "grad_norm": 0.0}
+    if old_logprobs is not None:  # the first scoring of this rollout: the sampler/scorer mismatch is measured here
+        sums["gap_sum"] = float(((old_logprobs - rollout.logprobs).abs() * action_mask).sum())
+        sums["gap_tokens"] = float(action_mask.sum())
     updates, skipped, optimizer_seconds = 0, 0, 0.0
     for _ in range(config.num_iterations):
         for window in range(updates_per_rollout):
@@ -163,9 +166,12 @@ def grpo_step(
         "clip_ratio": sums["clipped_sum"] / tokens,
         "grad_norm": sums["grad_norm"] / max(updates, 1),
         "learning_rate": scheduler.get_last_lr()[0],  # of the LoRA group
-        # |scored - sampled| log-prob: ~0 in "mixture" mode, the off-policy gap in "conditional" mode
-        "logprob_gap": sums["gap_sum"] / tokens,
-        "zero_std_groups": float((reward_values.view(-1, group_size).nan_to_num(0).std(1) == 0).float().mean()),
+        # |scored - sampled| log-prob at the first scoring of the rollout, before any update: ~0 in "mixture" mode,
+        # the off-policy gap in "conditional" mode
+        "logprob_gap": sums["gap_sum"] / max(sums["gap_tokens"], 1.0),
+        # |scored - before-update| log-prob over the passes (0 when each rollout gets one update)
+        "policy_drift": sums["drift_sum"] / tokens,
+        "zero_std_groups": float(zero_variance_groups(reward_values, group_size).float().mean()),
         "reward_failures": reward_failures,
         "skipped_updates": skipped,
         "step_seconds": end - start,
@@ -213,7 +219,11 @@ def window_backward(policy: Policy, rollout: Rollout, rows: list[torch.Tensor], 
         for key in ("kl_sum", "clipped_sum", "tokens"):
             sums[key] += stats[key].item()
         sums["entropy_sum"] += (entropy * mask).sum().item()
-        sums["gap_sum"] += ((logprobs.detach() - part.logprobs).abs() * mask).sum().item()
+        if old_logprobs is None:  # one update per rollout: this is its first (and only) scoring
+            sums["gap_sum"] += ((logprobs.detach() - part.logprobs).abs() * mask).sum().item()
+            sums["gap_tokens"] += mask.sum().item()
+        else:
+            sums["drift_sum"] += ((logprobs.detach() - old_logprobs[index]).abs() * mask).sum().item()
     return window_loss
 
 

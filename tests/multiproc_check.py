@@ -96,7 +96,8 @@ def fixed_batch(accelerator) -> dict:
         config.loss_type = loss_type
         for p in params:
             p.grad = None
-        sums = {k: 0.0 for k in ("kl_sum", "clipped_sum", "tokens", "entropy_sum", "gap_sum")}
+        sums = {k: 0.0 for k in ("kl_sum", "clipped_sum", "tokens", "entropy_sum", "gap_sum", "gap_tokens",
+                                 "drift_sum")}
         loss = window_backward(policy, rollout, [torch.arange(share)], mask, advantages, None, ref, config,
                                accelerator, sums)
         loss = accelerator.reduce(loss, "sum") / world

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo_img.loss import LossNormalizer, group_advantages, grpo_loss
+from grpo_img.loss import LossNormalizer, group_advantages, grpo_loss, zero_variance_groups
 
 
 def test_group_advantages_by_hand():
@@ -104,3 +104,13 @@ def test_ratio_one_gives_the_policy_gradient():
     loss.backward()
     assert loss.item() == pytest.approx(-2.0)
     assert torch.allclose(logp.grad, torch.tensor([[-1.0, -1.0]]))
+
+
+def test_zero_variance_groups_look_at_the_scored_samples_only():
+    nan = float("nan")
+    rewards = torch.tensor([nan, nan, nan,   # nothing scored: no signal
+                            0.5, 0.5, nan,   # equal scores and one unscored: no signal
+                            0.5, 0.7, nan,   # two different scores: signal
+                            1.0, nan, nan,   # one scored sample: no signal
+                            0.3, 0.3 + 1e-8, 0.3])  # equal within the tolerance
+    assert zero_variance_groups(rewards, 3).tolist() == [True, True, False, True, True]

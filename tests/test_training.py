@@ -78,6 +78,21 @@ def test_several_updates_per_rollout_and_other_loss_types_run(tmp_path):
     assert metrics[-1]["clip_ratio"] >= 0.0
 
 
+def test_logprob_gap_is_the_first_scoring_and_drift_is_logged_apart(tmp_path):
+    """With several passes per rollout the gap is measured before any update (mixture mode: ~0 at every step); what
+    the updates move is `policy_drift`."""
+    config = demo_config(tmp_path, max_steps=2, save_steps=0, num_iterations=2, steps_per_generation=2,
+                         per_device_train_batch_size=8, gradient_accumulation_steps=1)
+    metrics = read_metrics(train(config))
+    assert all(m["logprob_gap"] < 1e-4 for m in metrics)
+    assert all(m["policy_drift"] > 1e-3 for m in metrics)
+
+
+def test_lora_dropout_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(ValueError, match="lora_dropout must be 0.*on-policy"):
+        demo_config(tmp_path, lora_dropout=0.05)
+
+
 def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
     plain = read_metrics(train(demo_config(tmp_path, max_steps=2, save_steps=0)))
     checkpointed = read_metrics(train(demo_config(tmp_path, max_steps=2, save_steps=0, gradient_checkpointing=True,
@@ -171,3 +186,19 @@ def test_step_logs_restart_with_the_run(tmp_path):
         assert [json.loads(line)["step"] for line in (tmp_path / name).read_text().splitlines()] == [1, 2]
     MetricsLog(tmp_path, tensorboard=False, resume_step=None).close()
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "plans.jsonl").exists()
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume_and_a_corrupt_one_is_an_error(tmp_path, caplog):
+    """Power loss or a full disk mid-write leaves half a line at the end of metrics.jsonl: resume drops it."""
+    from grpo_img.reporting import MetricsLog, read_metrics
+
+    lines = [json.dumps({"step": s, "reward_mean": 0.5}) for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:9])
+    with caplog.at_level("WARNING"):
+        assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3]
+        MetricsLog(tmp_path, tensorboard=False, resume_step=2).close()
+    assert "torn last line" in caplog.text
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:2]) + "\n"
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n{not json\n" + lines[2] + "\n")
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        MetricsLog(tmp_path, tensorboard=False, resume_step=2)

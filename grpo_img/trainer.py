@@ -80,9 +80,14 @@ def grpo_step(
     reward_values, reward_failures = score_with_isolation(reward_fn, images, rollout.prompts, metadata)
     scored = ~torch.isnan(reward_values)
     state.reward_failures_in_a_row = 0 if scored.any() else state.reward_failures_in_a_row + 1
-    if state.reward_failures_in_a_row >= config.max_reward_failure_steps:
-        raise RuntimeError(f"the reward could not score any sample for {state.reward_failures_in_a_row} steps in a "
-                           "row; see the warnings above for its errors")
+    # decided together (as the non-finite stop is): a process that stopped alone would leave the others waiting
+    # in the next collective forever
+    failures = accelerator.gather(torch.tensor([state.reward_failures_in_a_row], device=accelerator.device))
+    if int(failures.max()) >= config.max_reward_failure_steps:
+        failing = [rank for rank, count in enumerate(failures.tolist()) if count >= config.max_reward_failure_steps]
+        raise RuntimeError(f"the reward could not score any sample for {int(failures.max())} steps in a row (on "
+                           f"process(es) {failing} of {accelerator.num_processes}); see the warnings above for its "
+                           "errors")
     t_reward = time.perf_counter()
 
     # 4. Group-relative advantages.

@@ -135,6 +135,42 @@ def trained_parameters(output_dir: str, resume: str | None = None,
     return caught["before"], {n: full_tensor(p.detach()).clone() for n, p in after}, sharded
 
 
+class FailingOnSecondProcess:
+    """A real reward (the colour reward) that is down on process 1 only: it raises there on every call."""
+
+    def __new__(cls, **options):
+        from accelerate import PartialState
+
+        from rewards.color import ColorReward
+
+        class Failing(ColorReward):
+            def __call__(self, images, prompts, metadata):
+                if PartialState().process_index == 1:
+                    raise ConnectionError("reward backend down on process 1")
+                return super().__call__(images, prompts, metadata)
+
+        return Failing(**options)
+
+
+def reward_failure_run(out: str) -> None:
+    """Train with a reward that fails on process 1 only: every process must stop with the same error."""
+    from accelerate import Accelerator
+
+    import grpo_img.trainer as trainer
+    import rewards
+
+    rewards.REGISTRY["failing_on_second_process"] = "multiproc_check:FailingOnSecondProcess"
+    state = Accelerator().state  # sets up the process group as the trainer's Accelerator will see it
+    config = check_config(state.num_processes, str(Path(out) / "run"), max_steps=10, max_reward_failure_steps=2,
+                          rewards=[{"name": "failing_on_second_process"}])
+    try:
+        trainer.train(config)
+        outcome = "finished"
+    except RuntimeError as error:
+        outcome = str(error)
+    torch.save({"world": state.num_processes, "outcome": outcome}, Path(out) / f"rank{state.process_index}.pt")
+
+
 def main(out: str) -> None:
     from accelerate import Accelerator
 
@@ -155,4 +191,7 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[2:] == ["reward_failure"]:
+        reward_failure_run(sys.argv[1])
+    else:
+        main(sys.argv[1])

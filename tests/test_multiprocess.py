@@ -14,14 +14,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def launch(tmp_path, config: str, *options: str) -> list[dict]:
+def launch(tmp_path, config: str, *options: str, mode: tuple[str, ...] = (), timeout: int = 300) -> list[dict]:
     """tests/multiproc_check.py on 2 CPU processes (gloo) with configs/accelerate/CONFIG.yaml; each rank's output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), *options, "--main_process_port", "0",
-               str(ROOT / "tests/multiproc_check.py"), str(tmp_path)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+               str(ROOT / "tests/multiproc_check.py"), str(tmp_path), *mode]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
@@ -69,6 +69,15 @@ def data_parallel_ranks(tmp_path_factory) -> list[dict]:
 @pytest.mark.slow
 def test_two_processes_match_one_process(data_parallel_ranks):
     assert_matches_one_process(data_parallel_ranks)
+
+
+@pytest.mark.slow
+def test_a_reward_failing_on_one_process_stops_every_process(tmp_path):
+    """The stop after max_reward_failure_steps unscored steps is collective: the process whose reward works stops
+    too (with the same error) instead of waiting in the next collective forever."""
+    ranks = launch(tmp_path, "multi_cpu", mode=("reward_failure",), timeout=240)
+    for rank in ranks:
+        assert "could not score any sample for 2 steps in a row (on process(es) [1] of 2)" in rank["outcome"]
 
 
 @pytest.mark.slow

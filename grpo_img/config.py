@@ -22,7 +22,7 @@ import yaml
 
 import policies
 import rewards
-from grpo_img.loss import LOSS_TYPES, SCALE_REWARDS
+from grpo_img.loss import MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS, LossSettings
 from policies.base import SamplingSettings
 from policies.plan import PlanSettings
 
@@ -88,12 +88,30 @@ class GRPOImgConfig:
     steps_per_generation: int | None = None  # micro-batches per rollout batch (default: gradient_accumulation_steps)
     num_iterations: int = 1  # passes over each rollout batch
 
-    # -- GRPO loss -----------------------------------------------------------------------------------------------
-    loss_type: str = "dapo"
+    # -- GRPO loss (TRL GRPOConfig names and meanings; grpo_img/loss.py and docs/training.md list them) ---------
+    loss_type: str = "dapo"  # grpo | dr_grpo | dapo | bnpo | cispo | sapo | luspo | vespo
     beta: float = 0.0
     epsilon: float = 0.2
     epsilon_high: float | None = None
+    delta: float | None = None  # two-sided clipping (INTELLECT-2), > 1
+    importance_sampling_level: str = "token"  # "sequence": GSPO
+    use_bias_correction_kl: bool = False  # TRL's default is True; False keeps the plain k3 KL
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    off_policy_mask_threshold: float | None = None  # DeepSeek-V3.2 off-policy sequence masking
+    top_entropy_quantile: float = 1.0  # train only the top quantile of tokens by entropy (1: all)
+    entropy_coef: float = 0.0  # entropy bonus (mean entropy of the trained tokens)
+    use_adaptive_entropy: bool = False  # Skywork-OR1: move entropy_coef towards entropy_target each update
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2
     scale_rewards: str = "group"
+    multi_objective_aggregation: str = "sum_then_normalize"  # or "normalize_then_sum" (GDPO), several rewards
 
     # -- optimisation --------------------------------------------------------------------------------------------
     learning_rate: float = 1e-5
@@ -101,6 +119,7 @@ class GRPOImgConfig:
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8  # LoRA gradients on image tokens can be ~5e-9, where 1e-8 dominates Adam's update
     max_grad_norm: float = 1.0
     lr_scheduler_type: str = "constant"  # any transformers scheduler name
     warmup_steps: int = 0
@@ -155,8 +174,18 @@ class GRPOImgConfig:
                 f"multiple of num_generations = {self.num_generations} (whole groups per process)")
         if self.steps_per_generation % self.gradient_accumulation_steps:
             raise ValueError("steps_per_generation must be a multiple of gradient_accumulation_steps")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        self.loss_settings()  # validates the loss fields
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ValueError(f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}")
+        if not self.adam_epsilon > 0:
+            raise ValueError(f"adam_epsilon must be > 0, got {self.adam_epsilon}")
+        if self.use_adaptive_entropy and not (0 <= self.entropy_coef_min <= self.entropy_coef_max
+                                              and self.entropy_coef_delta > 0):
+            raise ValueError("adaptive entropy needs 0 <= entropy_coef_min <= entropy_coef_max and "
+                             "entropy_coef_delta > 0")
+        if self.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+            raise ValueError(f"multi_objective_aggregation must be one of {MULTI_OBJECTIVE_AGGREGATIONS}, got "
+                             f"{self.multi_objective_aggregation!r}")
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
         if self.cfg_mode not in ("mixture", "conditional"):
@@ -193,6 +222,16 @@ class GRPOImgConfig:
         if self.plan:
             self.plan_settings()  # validates the plan fields
         SamplingSettings().override(self.cfg_scale, self.temperature, self.top_k, self.top_p)  # validates the ranges
+
+    def loss_settings(self) -> LossSettings:
+        return LossSettings(
+            loss_type=self.loss_type, epsilon=self.epsilon, epsilon_high=self.epsilon_high, delta=self.delta,
+            beta=self.beta, importance_sampling_level=self.importance_sampling_level,
+            use_bias_correction_kl=self.use_bias_correction_kl, sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg, vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg, off_policy_mask_threshold=self.off_policy_mask_threshold,
+            entropy_coef=self.entropy_coef)
 
     def plan_settings(self):
         """The think-then-draw settings, or None when it is off."""

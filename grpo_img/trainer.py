@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,8 @@ from grpo_img.checkpoint import find_checkpoint, load_adapter, load_trainer_stat
 from grpo_img.config import GRPOImgConfig, save_config
 from grpo_img.data import PromptRecord, PromptSchedule, load_prompts
 from grpo_img.evaluate import Sampling, evaluate, reward_benchmark
-from grpo_img.loss import LossNormalizer, group_advantages, grpo_loss, zero_variance_groups
+from grpo_img.loss import (LossNormalizer, LossSettings, group_advantages, grpo_loss, high_entropy_mask,
+                           zero_variance_groups)
 from grpo_img.reporting import MetricsLog, image_grid, plot_reward_curve, read_metrics
 from grpo_img.distributed import (broadcast_trainable, check_distributed_type, gather_for_saving, shard_for_training,
                                   sync_gradients)
@@ -42,6 +43,10 @@ class RunState:
 
     nonfinite_in_a_row: int = 0
     reward_failures_in_a_row: int = 0
+    # adaptive entropy control (use_adaptive_entropy): the coefficient now (None: entropy_coef) and the trained
+    # tokens' mean entropy over all processes at the last update (inf: no bonus before the first measurement)
+    entropy_coef: float | None = None
+    last_world_entropy: float = math.inf
 
 
 def grpo_step(
@@ -108,9 +113,10 @@ def grpo_step(
             with policy.reference():
                 ref_logprobs = _score_all(policy, rollout, config.cfg_mode, micro)
 
-    # 6. Clipped-surrogate loss and updates: steps_per_generation micro-batches per pass, one optimizer update per
+    # 6. Policy loss and updates: steps_per_generation micro-batches per pass, one optimizer update per
     #    gradient_accumulation_steps micro-batches, num_iterations passes.
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    settings = config.loss_settings()
     sums = {"loss": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0, "gap_sum": 0.0,
             "gap_tokens": 0.0, "drift_sum": 0.0, "grad_norm": 0.0}
     if old_logprobs is not None:  # the first scoring of this rollout: the sampler/scorer mismatch is measured here
@@ -122,8 +128,14 @@ def grpo_step(
             rows = [torch.arange(start_row, start_row + micro, device=device)
                     for start_row in range(window * micro * config.gradient_accumulation_steps,
                                            (window + 1) * micro * config.gradient_accumulation_steps, micro)]
+            if config.use_adaptive_entropy:  # the bonus applies only while entropy is at or below the target
+                coef = config.entropy_coef if state.entropy_coef is None else state.entropy_coef
+                settings = replace(settings, entropy_coef=coef if state.last_world_entropy <= config.entropy_target
+                                   else 0.0)
             window_loss = window_backward(policy, rollout, rows, action_mask, advantages, old_logprobs,
-                                          ref_logprobs, config, accelerator, sums)
+                                          ref_logprobs, config, accelerator, sums, settings)
+            if config.use_adaptive_entropy:
+                adapt_entropy_coef(state, config, accelerator, sums)
             # every process takes the same decision, so that the all-reduce below is entered by all or by none
             total_loss = accelerator.reduce(window_loss, "sum")
             finite = torch.isfinite(total_loss).item()
@@ -186,6 +198,10 @@ def grpo_step(
         "update_seconds": end - t_reward,
         "optimizer_seconds": optimizer_seconds,
     }
+    if config.top_entropy_quantile < 1.0:
+        metrics["trained_token_fraction"] = sums.get("trained_tokens", 0.0) / tokens
+    if config.use_adaptive_entropy:
+        metrics["entropy_coef"] = state.entropy_coef
     for part, scores in getattr(reward_fn, "last_parts", {}).items():
         values = torch.tensor(scores, dtype=torch.float32)
         metrics[f"reward/{part}"] = float(torch.nanmean(values))
@@ -195,15 +211,33 @@ def grpo_step(
     return metrics, rollout, images, reward_values
 
 
+def adapt_entropy_coef(state: RunState, config: GRPOImgConfig, accelerator: Accelerator, sums: dict) -> None:
+    """Skywork-OR1's controller, as TRL runs it: after each update, the trained tokens' mean entropy over all
+    processes moves the coefficient up by entropy_coef_delta when at or below entropy_target, down otherwise."""
+    totals = accelerator.reduce(torch.tensor([sums.pop("window_entropy_sum"), sums.pop("window_trained")],
+                                             device=accelerator.device), "sum")
+    world_entropy = float(totals[0] / totals[1].clamp(min=1.0))
+    coef = config.entropy_coef if state.entropy_coef is None else state.entropy_coef
+    if world_entropy <= config.entropy_target:
+        coef = min(coef + config.entropy_coef_delta, config.entropy_coef_max)
+    else:
+        coef = max(coef - config.entropy_coef_delta, config.entropy_coef_min)
+    state.entropy_coef, state.last_world_entropy = coef, world_entropy
+
+
 def window_backward(policy: Policy, rollout: Rollout, rows: list[torch.Tensor], action_mask: torch.Tensor,
                     advantages: torch.Tensor, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-                    config: GRPOImgConfig, accelerator: Accelerator, sums: dict) -> torch.Tensor:
+                    config: GRPOImgConfig, accelerator: Accelerator, sums: dict,
+                    settings: LossSettings | None = None) -> torch.Tensor:
     """Forward and backward over one optimizer window (the micro-batches `rows` of this process's rollout).
 
     Returns this process's share of the window's loss (detached); gradients accumulate in the parameters' .grad.
     The normaliser counts the window over all processes (see `LossNormalizer`), so that after `sync_gradients`
-    averages the gradients, they equal those of one process holding every process's samples.
+    averages the gradients, they equal those of one process holding every process's samples. `settings`: the
+    loss settings (default: the config's).
     """
+    settings = settings if settings is not None else config.loss_settings()
+    entropy_grad = settings.entropy_coef != 0.0 or config.use_adaptive_entropy
     micro = len(rows[0])
     window_tokens = accelerator.reduce(action_mask[torch.cat(rows)].sum().float(), "sum").item()
     norm = LossNormalizer(sequences=float(micro * len(rows)), tokens=window_tokens / accelerator.num_processes,
@@ -213,23 +247,45 @@ def window_backward(policy: Policy, rollout: Rollout, rows: list[torch.Tensor], 
         part = rollout.select(index)
         mask = action_mask[index]
         with accelerator.autocast():
-            logprobs, entropy = policy.token_logprobs(part, config.cfg_mode, return_entropy=True)
-        logprobs = logprobs.float()
+            logprobs, entropy = policy.token_logprobs(part, config.cfg_mode, return_entropy=True,
+                                                      entropy_grad=entropy_grad)
+        logprobs, entropy = logprobs.float(), entropy.float()
+        token_mask = None
+        if config.top_entropy_quantile < 1.0:  # the quantile over this micro-batch of every process, as TRL
+            token_mask = high_entropy_mask(entropy, mask, config.top_entropy_quantile,
+                                           lambda x: gather_ragged(x, accelerator))
+        entropy_tokens = None
+        if settings.entropy_coef != 0.0:  # the bonus's normaliser counts this micro-batch over all processes
+            trained_here = (mask if token_mask is None else mask & token_mask).sum().float()
+            entropy_tokens = accelerator.reduce(trained_here, "sum").item() / accelerator.num_processes
         loss, stats = grpo_loss(
             logprobs, old_logprobs[index] if old_logprobs is not None else logprobs.detach(), advantages[index],
-            mask, loss_type=config.loss_type, norm=norm, epsilon=config.epsilon, epsilon_high=config.epsilon_high,
-            beta=config.beta, ref_logprobs=ref_logprobs[index] if ref_logprobs is not None else None)
+            mask, settings=settings, norm=norm, ref_logprobs=ref_logprobs[index] if ref_logprobs is not None else None,
+            entropy=entropy if entropy_grad else None, token_mask=token_mask, entropy_tokens=entropy_tokens)
         accelerator.backward(loss)
         window_loss += loss.detach()
         for key in ("kl_sum", "clipped_sum", "tokens"):
             sums[key] += stats[key].item()
-        sums["entropy_sum"] += (entropy * mask).sum().item()
+        sums["entropy_sum"] += (entropy.detach() * mask).sum().item()
+        trained = mask if token_mask is None else mask & token_mask
+        sums["trained_tokens"] = sums.get("trained_tokens", 0.0) + stats["trained_tokens"].item()
+        sums["window_entropy_sum"] = sums.get("window_entropy_sum", 0.0) + (entropy.detach() * trained).sum().item()
+        sums["window_trained"] = sums.get("window_trained", 0.0) + trained.sum().item()
         if old_logprobs is None:  # one update per rollout: this is its first (and only) scoring
             sums["gap_sum"] += ((logprobs.detach() - part.logprobs).abs() * mask).sum().item()
             sums["gap_tokens"] += mask.sum().item()
         else:
             sums["drift_sum"] += ((logprobs.detach() - old_logprobs[index]).abs() * mask).sum().item()
     return window_loss
+
+
+def gather_ragged(values: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    """One 1-D tensor per process, of any lengths, concatenated (every process gets all of them)."""
+    if accelerator.num_processes == 1:
+        return values
+    padded = accelerator.pad_across_processes(values, dim=0, pad_index=-1e9)  # entropies are never negative
+    gathered = accelerator.gather(padded)
+    return gathered[gathered != -1e9]
 
 
 def _score_all(policy: Policy, rollout: Rollout, cfg_mode: str, micro_batch: int) -> torch.Tensor:
@@ -258,8 +314,8 @@ def build_optimizer(policy: Policy, config: GRPOImgConfig) -> tuple[torch.optim.
     adapter_params, head_params = policy.trainable_parameters()
     param_groups = [{"params": adapter_params, "lr": config.learning_rate},
                     {"params": head_params, "lr": config.image_heads_learning_rate or config.learning_rate}]
-    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]],
-                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], betas=(config.adam_beta1, config.adam_beta2),
+                                  eps=config.adam_epsilon, weight_decay=config.weight_decay)
     updates_per_step = config.num_iterations * config.steps_per_generation // config.gradient_accumulation_steps
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=config.max_steps * updates_per_step)

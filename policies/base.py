@@ -624,25 +624,26 @@ class Policy(ABC):
 
     # -- the template: score ------------------------------------------------------------------------------------
 
-    def token_logprobs(self, rollout: Rollout, cfg_mode: CfgMode = "mixture", return_entropy: bool = False
-                       ) -> Tensor | tuple[Tensor, Tensor]:
+    def token_logprobs(self, rollout: Rollout, cfg_mode: CfgMode = "mixture", return_entropy: bool = False,
+                       entropy_grad: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Teacher-forced log-probs [N, T] of the rollout's tokens, with grad: the image span under the
         distribution it was sampled from (`"mixture"`) or the conditional logits alone (`"conditional"`), and the
         plan span in front when there is one. With `return_entropy`, also the entropy [N, T] of the scored
-        distribution (detached). Forced tokens score exactly 0."""
+        distribution (detached, unless `entropy_grad`: for an entropy bonus). Forced tokens score exactly 0."""
         check_cfg_mode(cfg_mode)
         self.check_image_tokens(rollout.image_ids)
         guided = cfg_mode == "mixture" and rollout.sampling.uses_cfg and self.token_cfg
         context_ids, context_mask = self.image_context(rollout)
-        logprobs, entropy = self.score_image(rollout, context_ids, context_mask, guided, return_entropy)
+        logprobs, entropy = self.score_image(rollout, context_ids, context_mask, guided, return_entropy,
+                                             entropy_grad)
         if rollout.num_plan_tokens:
-            plan_logprobs, plan_entropy = self.planner.plan_logprobs(rollout)
+            plan_logprobs, plan_entropy = self.planner.plan_logprobs(rollout, entropy_grad)
             logprobs = torch.cat([plan_logprobs, logprobs], dim=1)
             entropy = torch.cat([plan_entropy, entropy], dim=1) if return_entropy else None
         return (logprobs, entropy) if return_entropy else logprobs
 
     def score_image(self, rollout: Rollout, context_ids: Tensor, context_mask: Tensor, guided: bool,
-                    return_entropy: bool) -> tuple[Tensor, Tensor | None]:
+                    return_entropy: bool, entropy_grad: bool = False) -> tuple[Tensor, Tensor | None]:
         """Log-probs (and entropies) [N, T] of the image span: one teacher-forced forward per stream, the hidden
         states that predict the free positions, the image head in chunks."""
         image_ids = rollout.image_ids
@@ -673,7 +674,9 @@ class Policy(ABC):
         def head(hidden_chunk: Tensor, choice_chunk: Tensor, kept_chunk: Tensor | None) -> tuple[Tensor, Tensor]:
             logits = self.image_logits(hidden_chunk)
             processed = process_logits(logits[:n], logits[n:] if guided else None, settings, kept_chunk)
-            entropy = entropy_of_logits(processed.detach()) if return_entropy else processed.new_zeros(0)
+            entropy = processed.new_zeros(0)
+            if return_entropy:
+                entropy = entropy_of_logits(processed if entropy_grad else processed.detach())
             return selective_log_softmax(processed, choice_chunk), entropy
 
         chunk_size = self.score_chunk_size or len(free)
@@ -688,7 +691,7 @@ class Policy(ABC):
             parts.append(logp)
             entropies.append(entropy)
         logprobs = torch.cat(parts, 1)
-        entropy = torch.cat(entropies, 1).detach() if return_entropy else None
+        entropy = torch.cat(entropies, 1) if return_entropy else None
         if len(free) < steps:  # forced positions score exactly 0
             zeros = torch.zeros(n, steps, dtype=torch.float32, device=image_ids.device)
             logprobs = zeros.index_copy(1, free, logprobs)

@@ -387,9 +387,9 @@ class ChameleonPolicy(Policy):
                            kept=kept if settings.truncates else None)
 
     def score_image(self, rollout: Rollout, context_ids: Tensor, context_mask: Tensor, guided: bool,
-                    return_entropy: bool) -> tuple[Tensor, Tensor | None]:
+                    return_entropy: bool, entropy_grad: bool = False) -> tuple[Tensor, Tensor | None]:
         if self.mode == "t2i":
-            return super().score_image(rollout, context_ids, context_mask, guided, return_entropy)
+            return super().score_image(rollout, context_ids, context_mask, guided, return_entropy, entropy_grad)
         settings = rollout.sampling
         text_settings = SamplingSettings(1.0, settings.temperature, settings.top_k, settings.top_p)
         completion = rollout.image_ids
@@ -416,7 +416,7 @@ class ChameleonPolicy(Policy):
             codes = self.image_choice_index(completion[is_image])
             logprobs = logprobs.index_put((is_image.nonzero(as_tuple=True)), selective_log_softmax(processed, codes))
             if return_entropy:
-                entropy[is_image] = entropy_of_logits(processed.detach())
+                entropy[is_image] = entropy_of_logits(processed if entropy_grad else processed.detach())
         if is_text.any():
             is_boi = (completion == self.boi_id).long()
             opened_before = (torch.cumsum(is_boi, 1) - is_boi) > 0  # a BOI strictly before this step
@@ -427,7 +427,7 @@ class ChameleonPolicy(Policy):
             logprobs = logprobs.index_put((is_text.nonzero(as_tuple=True)),
                                           selective_log_softmax(processed, completion[is_text]))
             if return_entropy:
-                entropy[is_text] = entropy_of_logits(processed.detach())
+                entropy[is_text] = entropy_of_logits(processed if entropy_grad else processed.detach())
         return logprobs, entropy if return_entropy else None
 
     # -- pixels -------------------------------------------------------------------------------------------------

@@ -177,8 +177,9 @@ class Planner:
         mask = torch.cat([prompt_mask, span_mask.to(prompt_mask.dtype), prefix_mask.to(prompt_mask.dtype)], dim=1)
         return ids, mask
 
-    def plan_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
-        """Teacher-forced log-probs and entropies [N, M] of the plan span (0 where not written), with grad."""
+    def plan_logprobs(self, rollout: Rollout, entropy_grad: bool = False) -> tuple[Tensor, Tensor]:
+        """Teacher-forced log-probs and entropies [N, M] of the plan span (0 where not written), with grad (the
+        entropies only with `entropy_grad`)."""
         span = rollout.plan_ids
         written = self.plan_written(span)
         ids = torch.cat([rollout.prompt_ids, span], dim=1)
@@ -188,4 +189,5 @@ class Planner:
         kept = rollout.kept[:, : rollout.num_plan_tokens] if rollout.kept is not None else None
         processed = self._distribution(logits, kept)
         logprobs = selective_log_softmax(processed, span).masked_fill(~written, 0.0)
-        return logprobs, entropy_of_logits(processed.detach()).masked_fill(~written, 0.0)
+        entropy = entropy_of_logits(processed if entropy_grad else processed.detach())
+        return logprobs, entropy.masked_fill(~written, 0.0)

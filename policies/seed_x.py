@@ -250,7 +250,7 @@ class SeedXPolicy(Policy):
         return {"noise_seed": draw_seeds(n, generator, self.device)}
 
     def score_image(self, rollout: Rollout, context_ids: Tensor, context_mask: Tensor, guided: bool,
-                    return_entropy: bool) -> tuple[Tensor, Tensor | None]:
+                    return_entropy: bool, entropy_grad: bool = False) -> tuple[Tensor, Tensor | None]:
         """Exactly 0 (probability 1 under the hard mask, no gradient, zero entropy): no forward is spent on it."""
         zeros = torch.zeros(rollout.image_ids.shape, dtype=torch.float32, device=rollout.completion_ids.device)
         return zeros, zeros.clone() if return_entropy else None

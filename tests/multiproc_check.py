@@ -29,7 +29,14 @@ import torch
 PROMPTS = ["a red image", "a green image", "a blue image", "a yellow image"]
 GROUP = 4
 STEPS = 3
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")  # bnpo is per micro-batch by definition (as in TRL): see README
+# loss settings compared between 2 processes and 1 (bnpo is per micro-batch by definition, as in TRL: see README)
+LOSS_CASES = {
+    "grpo": {}, "dapo": {"loss_type": "dapo"}, "dr_grpo": {"loss_type": "dr_grpo"},
+    "cispo": {"loss_type": "cispo", "epsilon_high": 5.0}, "sapo": {"loss_type": "sapo"},
+    "luspo": {"loss_type": "luspo", "importance_sampling_level": "sequence"}, "vespo": {"loss_type": "vespo"},
+    "gspo_bias_kl": {"importance_sampling_level": "sequence", "use_bias_correction_kl": True},
+    "top_entropy_bonus": {"loss_type": "dapo", "top_entropy_quantile": 0.3, "entropy_coef": 0.01},
+}
 UNSCORED = (0, 1, 2, 9)  # samples whose reward "failed": uneven token counts across processes
 
 
@@ -92,8 +99,9 @@ def fixed_batch(accelerator) -> dict:
     with torch.no_grad(), policy.reference():
         ref = policy.token_logprobs(rollout, config.cfg_mode).float()
 
-    for loss_type in LOSS_TYPES:
-        config.loss_type = loss_type
+    base = dict(vars(config))
+    for case, overrides in LOSS_CASES.items():
+        config.__dict__.update({**base, "loss_type": "grpo", **overrides})
         for p in params:
             p.grad = None
         sums = {k: 0.0 for k in ("kl_sum", "clipped_sum", "tokens", "entropy_sum", "gap_sum", "gap_tokens",
@@ -103,7 +111,7 @@ def fixed_batch(accelerator) -> dict:
         loss = accelerator.reduce(loss, "sum") / world
         sync_gradients(params, accelerator)
         # full_tensor: collective, in the same order on every process
-        results[loss_type] = {"loss": loss.item(),
+        results[case] = {"loss": loss.item(),
                               "grads": {names[id(p)]: full_tensor(p.grad).clone() for p in params}}
     return results
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo_img.loss import LossNormalizer, group_advantages, grpo_loss, zero_variance_groups
+from grpo_img.loss import LossNormalizer, LossSettings, group_advantages, grpo_loss, zero_variance_groups
 
 
 def test_group_advantages_by_hand():
@@ -67,8 +67,8 @@ def test_loss_matches_hand_computation(loss_type, beta):
     adv = torch.tensor([1.5, -0.7, 0.2])
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 1, 1]], dtype=torch.bool)
     norm = LossNormalizer(sequences=3, tokens=float(mask.sum()), micro_batches=1, completion_length=5)
-    loss, stats = grpo_loss(logp, old, adv, mask, loss_type=loss_type, norm=norm, epsilon=0.2, epsilon_high=0.28,
-                            beta=beta, ref_logprobs=ref)
+    settings = LossSettings(loss_type=loss_type, epsilon=0.2, epsilon_high=0.28, beta=beta)
+    loss, stats = grpo_loss(logp, old, adv, mask, settings=settings, norm=norm, ref_logprobs=ref)
     expected = hand_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), loss_type,
                          0.2, 0.28, beta)
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
@@ -84,7 +84,7 @@ def test_micro_batches_add_up_to_the_whole_window(loss_type):
     logp, old = -torch.rand(4, 6, generator=g), -torch.rand(4, 6, generator=g)
     adv = torch.randn(4, generator=g)
     mask = torch.rand(4, 6, generator=g) > 0.3
-    kw = dict(loss_type=loss_type, epsilon=0.2)
+    kw = dict(settings=LossSettings(loss_type=loss_type, epsilon=0.2))
     whole, _ = grpo_loss(logp, old, adv, mask, norm=LossNormalizer(4, float(mask.sum()), 1, 6), **kw)
     split = LossNormalizer(4, float(mask.sum()), 2, 6)
     parts = sum(grpo_loss(logp[s], old[s], adv[s], mask[s], norm=split, **kw)[0] for s in (slice(0, 2), slice(2, 4)))
@@ -100,7 +100,7 @@ def test_ratio_one_gives_the_policy_gradient():
     """On-policy (old = current, detached) the gradient of the loss is -A * grad log p, per token, averaged."""
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     loss, _ = grpo_loss(logp, logp.detach(), torch.tensor([2.0]), torch.ones(1, 2, dtype=torch.bool),
-                        loss_type="grpo", norm=LossNormalizer(1, 2, 1, 2))
+                        settings=LossSettings(loss_type="grpo"), norm=LossNormalizer(1, 2, 1, 2))
     loss.backward()
     assert loss.item() == pytest.approx(-2.0)
     assert torch.allclose(logp.grad, torch.tensor([[-1.0, -1.0]]))

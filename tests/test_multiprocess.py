@@ -39,10 +39,10 @@ def one_process() -> dict:
 
 
 def assert_matches_one_process(ranks: list[dict]) -> None:
-    from multiproc_check import LOSS_TYPES
+    from multiproc_check import LOSS_CASES
 
     single = one_process()
-    for loss_type in LOSS_TYPES:
+    for loss_type in LOSS_CASES:
         one = single[loss_type]
         for rank in ranks:
             two = rank["fixed"][loss_type]
@@ -50,7 +50,9 @@ def assert_matches_one_process(ranks: list[dict]) -> None:
             assert one["grads"].keys() == two["grads"].keys()
             for name, grad in one["grads"].items():
                 assert grad.abs().max() > 0 or "lora_A" in name, f"{loss_type}: no gradient for {name}"
-                torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-7,
+                # float32 rounding scales with the gradient (luspo sums over tokens: larger gradients)
+                atol = max(1e-7, 1e-5 * float(grad.abs().max()))
+                torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=atol,
                                            msg=lambda m: f"{loss_type} {name}: {m}")
 
     # a few training steps: identical weights on both processes, and they did move

@@ -111,6 +111,20 @@ def test_only_lora_and_image_heads_receive_gradients(policy_name):
     assert all(not p.requires_grad for p in frozen)
 
 
+def test_entropy_carries_a_gradient_only_when_asked(policy_name):
+    """For an entropy bonus the scored distribution's entropy must reach the adapter; by default it is detached."""
+    policy = build_tiny(policy_name)
+    policy.add_lora(r=4, alpha=8)
+    rollout = sample(policy)
+    _, detached = policy.token_logprobs(rollout, "mixture", return_entropy=True)
+    assert not detached.requires_grad
+    logprobs, entropy = policy.token_logprobs(rollout, "mixture", return_entropy=True, entropy_grad=True)
+    torch.testing.assert_close(entropy.detach(), detached)
+    (entropy * rollout.action_mask).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in policy.model.named_parameters() if "lora_" in n)
+
+
 def test_reference_is_the_base_model_and_kl_starts_at_zero(policy_name):
     """With a fresh adapter the policy equals its reference exactly, so the k3 KL of step 0 is exactly 0."""
     policy = build_tiny(policy_name)

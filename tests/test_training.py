@@ -50,8 +50,10 @@ def test_run_writes_metrics_images_curve_and_a_loadable_adapter(tmp_path):
 
 
 def test_resume_continues_with_exactly_the_same_metrics(tmp_path):
+    # adaptive entropy control keeps its coefficient in the run state: a resume that lost it would differ
+    adaptive = dict(use_adaptive_entropy="true", entropy_coef=0.01, entropy_target=100.0)
     full = demo_config(tmp_path, max_steps=6, save_steps=3, save_total_limit=0, num_iterations=2,
-                       lr_scheduler_type="cosine", warmup_steps=2)
+                       lr_scheduler_type="cosine", warmup_steps=2, **adaptive)
     uninterrupted = read_metrics(train(full))
     # a second run that starts from the step-3 checkpoint of the first, in a fresh directory
     resumed_dir = tmp_path / "resumed"
@@ -60,9 +62,11 @@ def test_resume_continues_with_exactly_the_same_metrics(tmp_path):
     (resumed_dir / "metrics.jsonl").write_text(
         "".join(json.dumps(m) + "\n" for m in uninterrupted[:3]) + json.dumps({"step": 4, "stale": True}) + "\n")
     config = demo_config(tmp_path, max_steps=6, save_steps=3, save_total_limit=0, num_iterations=2,
-                         lr_scheduler_type="cosine", warmup_steps=2, output_dir=str(resumed_dir))
+                         lr_scheduler_type="cosine", warmup_steps=2, output_dir=str(resumed_dir), **adaptive)
     resumed = read_metrics(train(config, resume=True))
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    # two updates per step, each raising the coefficient by entropy_coef_delta (entropy is below the target)
+    assert [round(m["entropy_coef"], 6) for m in uninterrupted] == [round(0.01 + 0.01 * s, 6) for s in range(1, 7)]
     for a, b in zip(uninterrupted[3:], resumed[3:]):  # everything but the timings (*_seconds)
         assert {k: v for k, v in a.items() if not k.endswith("_seconds")} == \
             {k: v for k, v in b.items() if not k.endswith("_seconds")}
@@ -86,6 +90,20 @@ def test_logprob_gap_is_the_first_scoring_and_drift_is_logged_apart(tmp_path):
     metrics = read_metrics(train(config))
     assert all(m["logprob_gap"] < 1e-4 for m in metrics)
     assert all(m["policy_drift"] > 1e-3 for m in metrics)
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss_type="sapo", importance_sampling_level="sequence", num_iterations=2),
+    dict(loss_type="cispo", epsilon_high=5.0, top_entropy_quantile=0.2, entropy_coef=0.01, adam_epsilon=1e-6),
+    dict(loss_type="vespo", beta=0.04, use_bias_correction_kl="true", off_policy_mask_threshold=0.5,
+         num_iterations=2),
+    dict(loss_type="luspo", importance_sampling_level="sequence", delta=1.5),
+], ids=["gspo_sapo", "cispo_top_entropy", "vespo_bias_kl_opsm", "luspo_delta"])
+def test_trl_loss_variants_train(tmp_path, options):
+    metrics = read_metrics(train(demo_config(tmp_path, max_steps=2, save_steps=0, **options)))
+    assert all(math.isfinite(m["loss"]) and m["skipped_updates"] == 0 for m in metrics)
+    if "top_entropy_quantile" in options:  # about the top 20% of the tokens by entropy train
+        assert all(0.1 < m["trained_token_fraction"] < 0.35 for m in metrics)
 
 
 def test_lora_dropout_is_refused_with_the_reason(tmp_path):

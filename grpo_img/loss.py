@@ -81,12 +81,29 @@ class LossSettings:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "group") -> Tensor:
+Reduce = Callable[[Tensor], Tensor]  # sums a tensor over every process (identity on one process)
+
+
+def batch_moments(values: Tensor, reduce: Reduce | None = None) -> tuple[Tensor, Tensor]:
+    """Mean and (Bessel-corrected) std of the non-NaN `values` of the whole batch, over every process: the sum, the
+    sum of squares and the count are summed by `reduce`, so each process gets the global figures."""
+    scored = ~torch.isnan(values)
+    x = values[scored].double()
+    totals = torch.stack([x.sum(), (x * x).sum(), scored.sum().double()])
+    totals = reduce(totals) if reduce is not None else totals
+    total, squares, count = totals.unbind()
+    mean = total / count.clamp(min=1.0)
+    variance = (squares - count * mean * mean).clamp(min=0.0) / (count - 1).clamp(min=1.0)
+    return mean.float(), variance.sqrt().float()
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "group",
+                     reduce: Reduce | None = None) -> Tensor:
     """A_i = (r_i - mean of its group) / (std + 1e-4). `rewards` [N] with groups contiguous.
 
     NaN rewards (samples a reward could not score) are left out of their group's mean and std and get advantage
     0; the trainer also drops them from the loss mask. `scale_rewards`: "group" divides by the group's std,
-    "batch" by the whole batch's std, "none" not at all (Dr. GRPO).
+    "batch" by the std of the whole batch over every process (`reduce`, as TRL does), "none" not at all (Dr. GRPO).
     """
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
@@ -98,8 +115,25 @@ def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "gro
         std = nanstd(grouped, dim=1, keepdim=True).nan_to_num(0.0)
         advantages = advantages / (std + 1e-4)
     elif scale_rewards == "batch":
-        advantages = advantages / (nanstd(grouped).nan_to_num(0.0) + 1e-4)
+        advantages = advantages / (batch_moments(grouped, reduce)[1] + 1e-4)
     return advantages.nan_to_num(0.0).view(-1)
+
+
+def normalize_then_sum_advantages(parts: Tensor, weights: Tensor, group_size: int,
+                                  reduce: Reduce | None = None) -> Tensor:
+    """GDPO (TRL's `multi_objective_aggregation="normalize_then_sum"`): each reward part [N, K] normalised within
+    its group, (r - mean) / (std + 1e-4), then the weighted sum, then normalised over the whole batch of every
+    process. A sample with any part NaN is unscored (advantage 0, as the weighted sum would be NaN)."""
+    n, k = parts.shape
+    if n % group_size:
+        raise ValueError(f"{n} rewards do not split into groups of {group_size}")
+    unscored = torch.isnan(parts).any(1)
+    grouped = parts.float().masked_fill(unscored[:, None], float("nan")).view(-1, group_size, k)
+    normalised = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)) / (nanstd(grouped, dim=1, keepdim=True)
+                                                                            .nan_to_num(0.0) + 1e-4)
+    summed = (normalised.view(n, k) * weights.to(parts.device).float()).sum(1)
+    mean, std = batch_moments(summed, reduce)
+    return ((summed - mean) / (std + 1e-4)).nan_to_num(0.0)
 
 
 def zero_variance_groups(rewards: Tensor, group_size: int, tolerance: float = 1e-6) -> Tensor:

@@ -26,7 +26,7 @@ from grpo_img.config import GRPOImgConfig, save_config
 from grpo_img.data import PromptRecord, PromptSchedule, load_prompts
 from grpo_img.evaluate import Sampling, evaluate, reward_benchmark
 from grpo_img.loss import (LossNormalizer, LossSettings, group_advantages, grpo_loss, high_entropy_mask,
-                           zero_variance_groups)
+                           normalize_then_sum_advantages, zero_variance_groups)
 from grpo_img.reporting import MetricsLog, image_grid, plot_reward_curve, read_metrics
 from grpo_img.distributed import (broadcast_trainable, check_distributed_type, gather_for_saving, shard_for_training,
                                   sync_gradients)
@@ -97,7 +97,17 @@ def grpo_step(
 
     # 4. Group-relative advantages.
     device = rollout.completion_ids.device
-    advantages = group_advantages(reward_values, group_size, config.scale_rewards).to(device)
+    def reduce(t: torch.Tensor) -> torch.Tensor:  # batch statistics are over every process's samples
+        return accelerator.reduce(t.to(accelerator.device), "sum").cpu()
+
+    if config.multi_objective_aggregation == "normalize_then_sum":
+        names = list(reward_fn.parts)
+        parts = torch.tensor([reward_fn.last_parts[name] for name in names], dtype=torch.float32).T
+        parts[torch.isnan(reward_values)] = float("nan")  # unscored in the sum (a part failed) stays unscored
+        weights = torch.tensor([reward_fn.parts[name][1] for name in names])
+        advantages = normalize_then_sum_advantages(parts, weights, group_size, reduce).to(device)
+    else:
+        advantages = group_advantages(reward_values, group_size, config.scale_rewards, reduce).to(device)
     action_mask = rollout.action_mask & scored.to(device)[:, None]
 
     # 5. Log-probs of the policy before the update (only needed when it changes within this rollout batch) and of

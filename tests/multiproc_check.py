@@ -95,6 +95,9 @@ def fixed_batch(accelerator) -> dict:
     own = torch.arange(rank * share, (rank + 1) * share)
     rollout, values = rollout.select(own), values[own]
     advantages = group_advantages(values, GROUP, config.scale_rewards)
+    # scale_rewards="batch" divides by the std of every process's rewards (NaN ones left out)
+    results["batch_advantages"] = group_advantages(
+        values, GROUP, "batch", lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu())
     mask = rollout.action_mask & ~torch.isnan(values)[:, None]
     with torch.no_grad(), policy.reference():
         ref = policy.token_logprobs(rollout, config.cfg_mode).float()

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from grpo_img.loss import LossNormalizer, LossSettings, group_advantages, grpo_loss, zero_variance_groups
+from grpo_img.loss import (LossNormalizer, LossSettings, group_advantages, grpo_loss, normalize_then_sum_advantages,
+                           zero_variance_groups)
 
 
 def test_group_advantages_by_hand():
@@ -114,3 +115,43 @@ def test_zero_variance_groups_look_at_the_scored_samples_only():
                             1.0, nan, nan,   # one scored sample: no signal
                             0.3, 0.3 + 1e-8, 0.3])  # equal within the tolerance
     assert zero_variance_groups(rewards, 3).tolist() == [True, True, False, True, True]
+
+
+def test_batch_scaling_uses_the_std_of_every_process():
+    """Two 'processes' holding half the groups each: with their totals summed, each half's advantages are those
+    of the whole batch; scaled by its own half's std they would not be."""
+    rewards = torch.tensor([0.1, 0.9, 0.5, float("nan"), 2.0, 3.0, 0.0, 0.2])
+    whole = group_advantages(rewards, 2, "batch")
+    halves = rewards[:4], rewards[4:]
+
+    def reduce_with(other):
+        from grpo_img.loss import batch_moments  # the totals the other process contributes
+
+        def reduce(totals):
+            x = other[~torch.isnan(other)].double()
+            return totals + torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(len(x)), dtype=torch.float64)])
+        return reduce
+
+    first = group_advantages(halves[0], 2, "batch", reduce_with(halves[1]))
+    second = group_advantages(halves[1], 2, "batch", reduce_with(halves[0]))
+    assert torch.allclose(torch.cat([first, second]), whole, atol=1e-6)
+    assert not torch.allclose(group_advantages(halves[0], 2, "batch"), first, atol=1e-3)
+    assert torch.allclose(whole, (rewards.view(-1, 2) - torch.nanmean(rewards.view(-1, 2), 1, keepdim=True))
+                          .view(-1).nan_to_num(0.0) / (rewards[~torch.isnan(rewards)].std() + 1e-4), atol=1e-6)
+
+
+def test_normalize_then_sum_by_hand():
+    """GDPO: each part normalised in its group, weighted sum, then normalised over the batch."""
+    parts = torch.tensor([[1.0, 10.0], [3.0, 30.0], [0.0, 5.0], [2.0, 5.0]])
+    weights = torch.tensor([1.0, 0.5])
+    adv = normalize_then_sum_advantages(parts, weights, 2)
+    s2 = math.sqrt(2)  # the Bessel std of two values 2 apart
+    per_part = [[-1 / (s2 + 1e-4), -10 / (10 * s2 + 1e-4)], [1 / (s2 + 1e-4), 10 / (10 * s2 + 1e-4)],
+                [-1 / (s2 + 1e-4), 0.0], [1 / (s2 + 1e-4), 0.0]]
+    summed = torch.tensor([a + 0.5 * b for a, b in per_part])
+    expected = (summed - summed.mean()) / (summed.std() + 1e-4)
+    assert torch.allclose(adv, expected, atol=1e-5)
+    # a sample that one part could not score is unscored: advantage 0, left out of the statistics
+    parts[1, 0] = float("nan")
+    adv = normalize_then_sum_advantages(parts, weights, 2)
+    assert adv[1] == 0 and adv[2] != 0

@@ -55,6 +55,10 @@ def assert_matches_one_process(ranks: list[dict]) -> None:
                 torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=atol,
                                            msg=lambda m: f"{loss_type} {name}: {m}")
 
+    # batch-scaled advantages: the two processes' halves are the one process's advantages
+    torch.testing.assert_close(torch.cat([r["fixed"]["batch_advantages"] for r in ranks]),
+                               single["batch_advantages"], rtol=1e-6, atol=1e-6)
+
     # a few training steps: identical weights on both processes, and they did move
     first, second = ranks[0]["trained"], ranks[1]["trained"]
     assert first.keys() == second.keys()

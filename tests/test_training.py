@@ -98,7 +98,9 @@ def test_logprob_gap_is_the_first_scoring_and_drift_is_logged_apart(tmp_path):
     dict(loss_type="vespo", beta=0.04, use_bias_correction_kl="true", off_policy_mask_threshold=0.5,
          num_iterations=2),
     dict(loss_type="luspo", importance_sampling_level="sequence", delta=1.5),
-], ids=["gspo_sapo", "cispo_top_entropy", "vespo_bias_kl_opsm", "luspo_delta"])
+    dict(multi_objective_aggregation="normalize_then_sum", scale_rewards="batch",
+         rewards=json.dumps([{"name": "color"}, {"name": "color", "weight": 0.5, "colors": ["red", "green"]}])),
+], ids=["gspo_sapo", "cispo_top_entropy", "vespo_bias_kl_opsm", "luspo_delta", "normalize_then_sum"])
 def test_trl_loss_variants_train(tmp_path, options):
     metrics = read_metrics(train(demo_config(tmp_path, max_steps=2, save_steps=0, **options)))
     assert all(math.isfinite(m["loss"]) and m["skipped_updates"] == 0 for m in metrics)

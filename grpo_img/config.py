@@ -61,7 +61,7 @@ class GRPOImgConfig:
     prompt_column: str = "prompt"
 
     # -- sampling (identical in rollout and scoring) -------------------------------------------------------------
-    # cfg_scale / temperature / top_k / top_p: None takes the policy family's release setting (its
+    # cfg_scale / temperature / top_k / top_p / min_p: None takes the policy family's release setting (its
     # `default_sampling`: Janus-Pro CFG 5, Emu3 3, Chameleon/Anole 3, BLIP3o-NEXT 1 = none, SEED-X none); the run's
     # saved config.json holds the resolved values.
     num_generations: int = 8  # G, samples per prompt
@@ -70,6 +70,7 @@ class GRPOImgConfig:
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None  # 0 (off) unless set
 
     # -- think-then-draw (policies/plan.py): a text plan first, then the image conditioned on prompt + plan --------
     plan: bool = False
@@ -221,7 +222,8 @@ class GRPOImgConfig:
             raise ValueError("train_image_tokens: false leaves nothing to train without a plan (set plan: true)")
         if self.plan:
             self.plan_settings()  # validates the plan fields
-        SamplingSettings().override(self.cfg_scale, self.temperature, self.top_k, self.top_p)  # validates the ranges
+        SamplingSettings().override(self.cfg_scale, self.temperature, self.top_k, self.top_p,
+                                    self.min_p)  # validates the ranges
 
     def loss_settings(self) -> LossSettings:
         return LossSettings(
@@ -248,7 +250,7 @@ class GRPOImgConfig:
     def with_sampling(self, settings) -> "GRPOImgConfig":
         """This config with the sampling fields set to `settings` (a resolved `policies.SamplingSettings`)."""
         return dataclasses.replace(self, cfg_scale=settings.cfg_scale, temperature=settings.temperature,
-                                   top_k=settings.top_k, top_p=settings.top_p)
+                                   top_k=settings.top_k, top_p=settings.top_p, min_p=settings.min_p)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(GRPOImgConfig)}

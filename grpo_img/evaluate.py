@@ -71,6 +71,7 @@ class Sampling:
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ def evaluate(policy, benchmark: Benchmark, out_dir: str | Path | None = None, nu
         with torch.no_grad():
             rollout = policy.sample([r.prompt for r in chunk], num_images, cfg_scale=settings.cfg_scale,
                                     temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                                    generator=generator)
+                                    min_p=settings.min_p, generator=generator)
             images = policy.decode(rollout)
         per_image_records = [r for r in chunk for _ in range(num_images)]
         scores = benchmark.scorer(images, per_image_records)
@@ -205,7 +206,8 @@ def summarize(results: list[dict], benchmark: Benchmark, num_images: int) -> dic
 def _sampling_line(sampling: dict | None) -> str:
     if not sampling:
         return ""
-    values = ", ".join(f"{k} {sampling[k]}" for k in ("cfg_scale", "temperature", "top_k", "top_p"))
+    values = ", ".join(f"{k} {sampling[k]}" for k in ("cfg_scale", "temperature", "top_k", "top_p", "min_p")
+                       if k in sampling)
     given = sampling.get("given") or {}
     source = "all the family's defaults" if not given else f"given: {', '.join(sorted(given))}; the rest the family's"
     cfg = "no CFG" if sampling["cfg_scale"] == 1.0 else f"CFG {sampling['cfg_scale']}"
@@ -397,6 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=None, help=family)
     parser.add_argument("--top-k", type=int, default=None, help=family)
     parser.add_argument("--top-p", type=float, default=None, help=family)
+    parser.add_argument("--min-p", type=float, default=None, help=family)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return parser.parse_args(argv)
@@ -413,7 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
     benchmark = build_benchmark(args.benchmark, args.prompts, reward_options, args.limit)
     policy = load_policy(args.policy, policy_options, args.adapter, device)
     report = evaluate(policy, benchmark, args.out, num_images=args.num_images, prompts_per_batch=args.batch_prompts,
-                      sampling=Sampling(args.cfg_scale, args.temperature, args.top_k, args.top_p), seed=args.seed)
+                      sampling=Sampling(args.cfg_scale, args.temperature, args.top_k, args.top_p, args.min_p),
+                      seed=args.seed)
     print(markdown_report(report))
     return report
 

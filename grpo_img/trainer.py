@@ -70,7 +70,7 @@ def grpo_step(
     policy.model.eval()
     with accelerator.autocast(), kept_gathered(policy.model, config.fsdp_gather_for_sampling):
         rollout = policy.sample(prompts, group_size, cfg_scale=config.cfg_scale, temperature=config.temperature,
-                                top_k=config.top_k, top_p=config.top_p, generator=generator)
+                                top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, generator=generator)
     t_sample = time.perf_counter()
 
     # 2. Decode to pixels.
@@ -349,9 +349,9 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     policy = setup_policy(config, accelerator.device)
     # Sampling settings left unset are the family's release ones; from here on the config holds them explicitly.
     config = config.with_sampling(policy.sampling_settings(config.cfg_scale, config.temperature, config.top_k,
-                                                           config.top_p))
-    log.info("sampling: cfg_scale %s, temperature %s, top_k %s, top_p %s", config.cfg_scale, config.temperature,
-             config.top_k, config.top_p)
+                                                           config.top_p, config.min_p))
+    log.info("sampling: cfg_scale %s, temperature %s, top_k %s, top_p %s, min_p %s", config.cfg_scale,
+             config.temperature, config.top_k, config.top_p, config.min_p)
     if accelerator.is_main_process:
         save_config(config, output_dir / "config.json")
     adapter_params, head_params = policy.trainable_parameters()
@@ -435,7 +435,7 @@ def run_evaluation(policy: Policy, benchmark, config: GRPOImgConfig) -> dict:
     start = time.perf_counter()
     report = evaluate(policy, benchmark, None, num_images=config.eval_num_images,
                       prompts_per_batch=max(1, config.per_device_train_batch_size // config.eval_num_images),
-                      sampling=Sampling(config.cfg_scale, config.temperature, config.top_k, config.top_p),
+                      sampling=Sampling(config.cfg_scale, config.temperature, config.top_k, config.top_p, config.min_p),
                       seed=config.seed, progress=False)
     metrics = {f"eval/{key}": value for key, value in report["image_means"].items()}
     if len(report["tasks"]) > 1:

@@ -44,15 +44,17 @@ CfgMode = Literal["mixture", "conditional"]
 class SamplingSettings:
     """Everything that shapes the token distribution. Applied identically in sampling and scoring.
 
-    `top_k=0` and `top_p=1.0` mean "off". They are off by default on purpose: transformers' own default top-k of 50
-    silently truncates the distribution, and a truncated distribution gives -inf log-probs to tokens the updated
-    policy would still like to move towards.
+    `top_k=0`, `top_p=1.0` and `min_p=0.0` mean "off". They are off by default on purpose: transformers' own default
+    top-k of 50 silently truncates the distribution, and a truncated distribution gives -inf log-probs to tokens the
+    updated policy would still like to move towards. `min_p` (after top-k and top-p, as transformers orders them)
+    drops tokens whose probability is below min_p times the most likely one's.
     """
 
     cfg_scale: float = 1.0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -61,6 +63,8 @@ class SamplingSettings:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
 
     @property
     def uses_cfg(self) -> bool:
@@ -68,12 +72,12 @@ class SamplingSettings:
 
     @property
     def truncates(self) -> bool:
-        return self.top_k > 0 or self.top_p < 1.0
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
 
     def override(self, cfg_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None) -> "SamplingSettings":
+                 top_p: float | None = None, min_p: float | None = None) -> "SamplingSettings":
         """These settings with every value that is not None replaced (None: keep this, e.g. the family default)."""
-        given = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        given = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
         return replace(self, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -213,6 +217,9 @@ def process_logits(cond: Tensor, uncond: Tensor | None, settings: SamplingSettin
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= settings.top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    if settings.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < settings.min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
 
 
@@ -485,9 +492,10 @@ class Policy(ABC):
     # -- the template: sample ----------------------------------------------------------------------------------
 
     def sampling_settings(self, cfg_scale: float | None = None, temperature: float | None = None,
-                          top_k: int | None = None, top_p: float | None = None) -> SamplingSettings:
+                          top_k: int | None = None, top_p: float | None = None,
+                          min_p: float | None = None) -> SamplingSettings:
         """The family's release settings with the given values put in."""
-        settings = self.default_sampling.override(cfg_scale, temperature, top_k, top_p)
+        settings = self.default_sampling.override(cfg_scale, temperature, top_k, top_p, min_p)
         if settings.uses_cfg and not self.token_cfg and not getattr(self, "_warned_cfg", False):
             log.warning("%s: cfg_scale=%s has no effect (the family has no token-level guidance)", self.name,
                         settings.cfg_scale)
@@ -497,10 +505,10 @@ class Policy(ABC):
     @torch.no_grad()
     def sample(self, prompts: list[str], group_size: int, *, cfg_scale: float | None = None,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-               generator: torch.Generator | None = None) -> Rollout:
+               min_p: float | None = None, generator: torch.Generator | None = None) -> Rollout:
         """Sample `group_size` images per prompt (no grad). Settings left at None are the family's release ones
         (`default_sampling`)."""
-        settings = self.sampling_settings(cfg_scale, temperature, top_k, top_p)
+        settings = self.sampling_settings(cfg_scale, temperature, top_k, top_p, min_p)
         contexts = self.image_contexts(prompts, group_size, generator)
         image = self.sample_image(contexts.ids, contexts.mask, contexts.repeats, settings, generator)
         extras = {**image.extras, **self.rollout_extras(len(contexts.prompt_ids), generator)}

@@ -328,7 +328,7 @@ class ChameleonPolicy(Policy):
                      generator: torch.Generator | None) -> ImageSample:
         if self.mode == "t2i":
             return super().sample_image(ids, mask, repeats, settings, generator)
-        text_settings = SamplingSettings(1.0, settings.temperature, settings.top_k, settings.top_p)
+        text_settings = SamplingSettings(1.0, settings.temperature, settings.top_k, settings.top_p, settings.min_p)
         n, steps, device = ids.shape[0] * repeats, self.num_image_tokens, self.device
         image_len = self.grid * self.grid
         cfg = settings.uses_cfg
@@ -391,7 +391,7 @@ class ChameleonPolicy(Policy):
         if self.mode == "t2i":
             return super().score_image(rollout, context_ids, context_mask, guided, return_entropy, entropy_grad)
         settings = rollout.sampling
-        text_settings = SamplingSettings(1.0, settings.temperature, settings.top_k, settings.top_p)
+        text_settings = SamplingSettings(1.0, settings.temperature, settings.top_k, settings.top_p, settings.min_p)
         completion = rollout.image_ids
         n, steps = completion.shape
         completion_mask = rollout.extras["completion_mask"]

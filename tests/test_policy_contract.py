@@ -244,3 +244,20 @@ def test_pixels_are_truncated_as_the_releases_write_them(policy_name):
     inside = (decoded > -1) & (decoded < 1)  # unsaturated values: there rounding differs from truncation
     rounded = np.clip((decoded + 1) / 2 * 255, 0, 255).round().astype(np.uint8)
     assert inside.mean() > 0.1 and (rounded != release)[inside].mean() > 0.3
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top_probability(tiny_policy):
+    from policies.base import SamplingSettings, process_logits
+
+    logits = torch.tensor([[0.0, -1.0, -2.0, -3.0]]).log_softmax(-1)
+    probs = logits.softmax(-1)
+    kept = torch.isfinite(process_logits(logits, None, SamplingSettings(min_p=0.3)))
+    assert kept.tolist() == (probs >= 0.3 * probs.max()).tolist() == [[True, True, False, False]]
+    # sampled and scored alike: the kept sets are replayed
+    rollout = sample(tiny_policy, min_p=0.2)
+    assert rollout.sampling.min_p == 0.2 and rollout.sampling.truncates
+    with torch.no_grad():
+        scored = tiny_policy.token_logprobs(rollout)
+    free = rollout.action_mask
+    assert (scored - rollout.logprobs)[free].abs().max() <= 1e-4
+    assert torch.isfinite(scored[free]).all()

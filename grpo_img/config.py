@@ -112,6 +112,10 @@ class GRPOImgConfig:
     entropy_coef_delta: float = 0.005
     entropy_target: float = 0.2
     scale_rewards: str = "group"
+    # DAPO's dynamic sampling (ReasonGen-R1's filter_groups): groups whose rewards do not differ are replaced by
+    # groups of further prompts, at most dynamic_sampling_max_rounds extra rounds per step
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 3
     multi_objective_aggregation: str = "sum_then_normalize"  # or "normalize_then_sum" (GDPO), several rewards
 
     # -- optimisation --------------------------------------------------------------------------------------------
@@ -176,6 +180,8 @@ class GRPOImgConfig:
         if self.steps_per_generation % self.gradient_accumulation_steps:
             raise ValueError("steps_per_generation must be a multiple of gradient_accumulation_steps")
         self.loss_settings()  # validates the loss fields
+        if self.dynamic_sampling_max_rounds < 1:
+            raise ValueError(f"dynamic_sampling_max_rounds must be >= 1, got {self.dynamic_sampling_max_rounds}")
         if not 0.0 <= self.top_entropy_quantile <= 1.0:
             raise ValueError(f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}")
         if not self.adam_epsilon > 0:

@@ -91,3 +91,11 @@ class PromptSchedule:
             order = torch.randperm(len(self.records), generator=torch.Generator().manual_seed(self.seed + epoch))
             picked.append(self.records[int(order[offset])])
         return picked
+
+    def extra_at_step(self, step: int, round_index: int) -> list[PromptRecord]:
+        """Further prompts for dynamic sampling (round 1, 2, ... of a step): drawn with a generator seeded by step,
+        round and process, so a resumed run draws the same ones as an uninterrupted run."""
+        seed = ((self.seed * 1_000_003 + step) * 1009 + round_index) * self.world_size + self.rank
+        generator = torch.Generator().manual_seed(seed)
+        picks = torch.randint(len(self.records), (self.prompts_per_step,), generator=generator)
+        return [self.records[int(i)] for i in picks]

@@ -5,12 +5,14 @@ family it trains: it talks to a `policies.Policy` and a `rewards.Reward`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -31,7 +33,7 @@ from grpo_img.reporting import MetricsLog, image_grid, plot_reward_curve, read_m
 from grpo_img.distributed import (broadcast_trainable, check_distributed_type, gather_for_saving, shard_for_training,
                                   sync_gradients)
 from grpo_img.sharding import clip_grad_norm, kept_gathered, load_full_optimizer_state
-from policies.base import Policy, Rollout
+from policies.base import Policy, Rollout, concat_rollouts
 from rewards.base import Reward, score_with_isolation
 
 log = logging.getLogger("grpo_img")
@@ -59,30 +61,25 @@ def grpo_step(
     config: GRPOImgConfig,
     accelerator: Accelerator,
     state: RunState,
+    more_prompts: Callable[[int], list[PromptRecord]] | None = None,
 ) -> tuple[dict, Rollout, list[Image.Image], torch.Tensor]:
     start = time.perf_counter()
     group_size = config.num_generations
-    prompts = [record.prompt for record in batch]
+    seconds = {"sample": 0.0, "decode": 0.0, "reward": 0.0}
 
-    # 1. Sample G token sequences per prompt, with the log-probs of the distribution sampled from.
+    # 1-3. Sample G token sequences per prompt (with the log-probs of the distribution sampled from), decode them
+    #      to pixels, reward them. Samples that cannot be scored are NaN and leave the loss. With dynamic sampling,
+    #      groups whose rewards do not differ are replaced by groups of further prompts (`more_prompts(round)`).
     generator = torch.Generator(accelerator.device).manual_seed(
         config.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index)
-    policy.model.eval()
-    with accelerator.autocast(), kept_gathered(policy.model, config.fsdp_gather_for_sampling):
-        rollout = policy.sample(prompts, group_size, cfg_scale=config.cfg_scale, temperature=config.temperature,
-                                top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, generator=generator)
-    t_sample = time.perf_counter()
-
-    # 2. Decode to pixels.
-    images = policy.decode(rollout)
-    t_decode = time.perf_counter()
-
-    # 3. Reward. Samples that cannot be scored are NaN and leave the loss. A think-then-draw plan reaches the
-    #    reward as metadata["plan"].
-    metadata = [record.metadata for record in batch for _ in range(group_size)]
-    if rollout.plans is not None:
-        metadata = [{**(meta or {}), "plan": plan} for meta, plan in zip(metadata, rollout.plans)]
-    reward_values, reward_failures = score_with_isolation(reward_fn, images, rollout.prompts, metadata)
+    scored_batch = sample_and_score(policy, reward_fn, batch, config, accelerator, generator, seconds)
+    sampling_stats = {}
+    if more_prompts is not None:
+        scored_batch, sampling_stats = keep_informative_groups(scored_batch, more_prompts, policy, reward_fn, config,
+                                                               accelerator, generator, seconds)
+    rollout, images, reward_values = scored_batch.rollout, scored_batch.images, scored_batch.rewards
+    reward_failures = scored_batch.failures
+    prompts = [record.prompt for record in scored_batch.records]
     scored = ~torch.isnan(reward_values)
     state.reward_failures_in_a_row = 0 if scored.any() else state.reward_failures_in_a_row + 1
     # decided together (as the non-finite stop is): a process that stopped alone would leave the others waiting
@@ -97,12 +94,13 @@ def grpo_step(
 
     # 4. Group-relative advantages.
     device = rollout.completion_ids.device
+
     def reduce(t: torch.Tensor) -> torch.Tensor:  # batch statistics are over every process's samples
         return accelerator.reduce(t.to(accelerator.device), "sum").cpu()
 
     if config.multi_objective_aggregation == "normalize_then_sum":
         names = list(reward_fn.parts)
-        parts = torch.tensor([reward_fn.last_parts[name] for name in names], dtype=torch.float32).T
+        parts = torch.stack([scored_batch.parts[name] for name in names], dim=1)
         parts[torch.isnan(reward_values)] = float("nan")  # unscored in the sum (a part failed) stays unscored
         weights = torch.tensor([reward_fn.parts[name][1] for name in names])
         advantages = normalize_then_sum_advantages(parts, weights, group_size, reduce).to(device)
@@ -202,23 +200,106 @@ def grpo_step(
         "reward_failures": reward_failures,
         "skipped_updates": skipped,
         "step_seconds": end - start,
-        "sample_seconds": t_sample - start,
-        "decode_seconds": t_decode - t_sample,
-        "reward_seconds": t_reward - t_decode,
+        "sample_seconds": seconds["sample"],
+        "decode_seconds": seconds["decode"],
+        "reward_seconds": seconds["reward"],
         "update_seconds": end - t_reward,
         "optimizer_seconds": optimizer_seconds,
     }
+    metrics.update(sampling_stats)
     if config.top_entropy_quantile < 1.0:
         metrics["trained_token_fraction"] = sums.get("trained_tokens", 0.0) / tokens
     if config.use_adaptive_entropy:
         metrics["entropy_coef"] = state.entropy_coef
-    for part, scores in getattr(reward_fn, "last_parts", {}).items():
-        values = torch.tensor(scores, dtype=torch.float32)
+    for part, values in scored_batch.parts.items():
         metrics[f"reward/{part}"] = float(torch.nanmean(values))
     for part, failures in getattr(reward_fn, "last_failures", {}).items():
         metrics[f"reward_failures/{part}"] = failures
     metrics["reward_per_prompt"] = per_prompt
     return metrics, rollout, images, reward_values
+
+
+@dataclass
+class ScoredBatch:
+    """Rollouts with their images and rewards (NaN: unscored), and the prompt record of each group."""
+
+    rollout: Rollout
+    images: list[Image.Image]
+    rewards: torch.Tensor
+    failures: int
+    records: list[PromptRecord]
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # each reward part's scores (WeightedSum)
+
+
+def sample_and_score(policy: Policy, reward_fn: Reward, records: list[PromptRecord], config: GRPOImgConfig,
+                     accelerator: Accelerator, generator: torch.Generator, seconds: dict) -> ScoredBatch:
+    """Sample G images per prompt, decode and reward them (a think-then-draw plan reaches the reward as
+    metadata["plan"]); the time of each part is added to `seconds`."""
+    t0 = time.perf_counter()
+    policy.model.eval()
+    with accelerator.autocast(), kept_gathered(policy.model, config.fsdp_gather_for_sampling):
+        rollout = policy.sample([r.prompt for r in records], config.num_generations, cfg_scale=config.cfg_scale,
+                                temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                                min_p=config.min_p, generator=generator)
+    t1 = time.perf_counter()
+    images = policy.decode(rollout)
+    t2 = time.perf_counter()
+    metadata = [record.metadata for record in records for _ in range(config.num_generations)]
+    if rollout.plans is not None:
+        metadata = [{**(meta or {}), "plan": plan} for meta, plan in zip(metadata, rollout.plans)]
+    rewards, failures = score_with_isolation(reward_fn, images, rollout.prompts, metadata)
+    parts = {name: torch.tensor(values, dtype=torch.float32)
+             for name, values in getattr(reward_fn, "last_parts", {}).items()}
+    seconds["sample"] += t1 - t0
+    seconds["decode"] += t2 - t1
+    seconds["reward"] += time.perf_counter() - t2
+    return ScoredBatch(rollout, images, rewards, failures, list(records), parts)
+
+
+def keep_informative_groups(first: ScoredBatch, more_prompts: Callable[[int], list[PromptRecord]], policy: Policy,
+                            reward_fn: Reward, config: GRPOImgConfig, accelerator: Accelerator,
+                            generator: torch.Generator, seconds: dict) -> tuple[ScoredBatch, dict]:
+    """Dynamic sampling (DAPO): keep the groups whose rewards differ, and sample rounds of further prompts until
+    there are as many as the step's batch, at most `dynamic_sampling_max_rounds` extra rounds. Every process runs
+    the same rounds (decided together: sampling may be collective under FSDP). Short of informative groups after
+    the last round, the batch is filled up with the first round's uninformative groups (advantage 0: only the KL
+    term moves them), and the metrics say how many."""
+    group_size, needed = config.num_generations, len(first.records)
+    rounds = [first]
+
+    def informative(index: int) -> list[tuple[int, int]]:
+        flat = ~zero_variance_groups(rounds[index].rewards, group_size)
+        return [(index, int(g)) for g in flat.nonzero().flatten()]
+
+    kept = informative(0)
+    while len(rounds) <= config.dynamic_sampling_max_rounds:
+        missing = torch.tensor([max(needed - len(kept), 0)], device=accelerator.device)
+        if int(accelerator.gather(missing).max()) == 0:
+            break
+        rounds.append(sample_and_score(policy, reward_fn, more_prompts(len(rounds)), config, accelerator, generator,
+                                       seconds))
+        kept += informative(len(rounds) - 1)
+    found = len(kept)
+    kept = kept[:needed]
+    filled = needed - len(kept)
+    kept += [(0, g) for g in range(needed) if (0, g) not in kept][:filled]
+
+    parts = []
+    for index, group in kept:
+        rows = torch.arange(group * group_size, (group + 1) * group_size)
+        source = rounds[index]
+        parts.append(ScoredBatch(source.rollout.select(rows), [source.images[i] for i in rows.tolist()],
+                                 source.rewards[rows], 0, [source.records[group]],
+                                 {name: values[rows] for name, values in source.parts.items()}))
+    batch = ScoredBatch(concat_rollouts([p.rollout for p in parts]), [im for p in parts for im in p.images],
+                        torch.cat([p.rewards for p in parts]), sum(r.failures for r in rounds),
+                        [p.records[0] for p in parts],
+                        {name: torch.cat([p.parts[name] for p in parts]) for name in first.parts})
+    sampled_groups = needed * len(rounds)
+    stats = {"dynamic_sampling_rounds": len(rounds) - 1,
+             "dynamic_sampling_drop_rate": 1.0 - found / sampled_groups,
+             "dynamic_sampling_filled_groups": filled}
+    return batch, stats
 
 
 def adapt_entropy_coef(state: RunState, config: GRPOImgConfig, accelerator: Accelerator, sums: dict) -> None:
@@ -384,8 +465,9 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     progress = tqdm(total=config.max_steps, initial=start_step, desc="GRPO", disable=not accelerator.is_main_process)
     for step in range(start_step, config.max_steps):
         batch = schedule.at_step(step)
+        more_prompts = functools.partial(schedule.extra_at_step, step) if config.dynamic_sampling else None
         metrics, rollout, images, reward_values = grpo_step(step, policy, reward_fn, batch, optimizer, scheduler,
-                                                            config, accelerator, state)
+                                                            config, accelerator, state, more_prompts)
         done = step + 1
         evaluate_now = bool(config.eval_steps) and (done % config.eval_steps == 0 or done == config.max_steps)
         if evaluate_now and evaluates_here:  # unsharded, the other processes wait at the next collective

@@ -132,6 +132,33 @@ class Rollout:
         return replace(self, **picked)
 
 
+def concat_rollouts(rollouts: list[Rollout]) -> Rollout:
+    """Rollouts of one policy and one sampling setting as one; prompts are left-padded (mask 0) to the longest,
+    `group_index` is renumbered so that groups stay contiguous and distinct."""
+    first = rollouts[0]
+    if any(r.sampling != first.sampling or r.num_plan_tokens != first.num_plan_tokens for r in rollouts):
+        raise ValueError("only rollouts of the same sampling settings and plan width can be concatenated")
+    width = max(r.prompt_ids.shape[1] for r in rollouts)
+
+    def left_pad(t: Tensor) -> Tensor:
+        return nn.functional.pad(t, (width - t.shape[1], 0), value=0)
+
+    offsets = torch.cumsum(torch.tensor([0] + [int(r.group_index.max()) + 1 for r in rollouts[:-1]]), 0)
+    cat = lambda name: torch.cat([getattr(r, name) for r in rollouts])  # noqa: E731
+    extras = {}
+    for key, value in first.extras.items():
+        values = [r.extras[key] for r in rollouts]
+        extras[key] = torch.cat(values) if isinstance(value, Tensor) else [v for part in values for v in part]
+    return replace(
+        first, prompts=[p for r in rollouts for p in r.prompts],
+        group_index=torch.cat([r.group_index + int(o) for r, o in zip(rollouts, offsets)]),
+        prompt_ids=torch.cat([left_pad(r.prompt_ids) for r in rollouts]),
+        prompt_mask=torch.cat([left_pad(r.prompt_mask) for r in rollouts]),
+        completion_ids=cat("completion_ids"), action_mask=cat("action_mask"), logprobs=cat("logprobs"),
+        extras=extras, plans=[p for r in rollouts for p in r.plans] if first.plans is not None else None,
+        kept=cat("kept") if all(r.kept is not None for r in rollouts) else None)
+
+
 @dataclass
 class PlanBatch:
     """Sampled think-then-draw plans (policies/plan.py), one row per sample."""

@@ -222,3 +222,59 @@ def test_a_torn_last_log_line_is_dropped_on_resume_and_a_corrupt_one_is_an_error
     (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n{not json\n" + lines[2] + "\n")
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         MetricsLog(tmp_path, tensorboard=False, resume_step=2)
+
+
+class ConstantForSomePrompts:
+    """The colour reward, except that prompts saying "constant" always score 0.5: their groups carry no signal."""
+
+    def __new__(cls, **options):
+        from rewards.color import ColorReward
+
+        class Reward(ColorReward):
+            def __call__(self, images, prompts, metadata):
+                colour = super().__call__(images, ["a red image" if "constant" in p else p for p in prompts],
+                                          metadata)
+                return [0.5 if "constant" in p else c for p, c in zip(prompts, colour)]
+
+        return Reward(**options)
+
+
+def dynamic_config(tmp_path, monkeypatch, **overrides):
+    import rewards
+
+    monkeypatch.setitem(rewards.REGISTRY, "constant_for_some", "test_training:ConstantForSomePrompts")
+    prompts = json.dumps(["a red image", "constant one", "a green image", "constant two", "constant three",
+                          "a blue image"])
+    return demo_config(tmp_path, rewards=json.dumps([{"name": "constant_for_some"}]), prompts=prompts,
+                       per_device_train_batch_size=16, num_generations=8, dynamic_sampling="true",
+                       dynamic_sampling_max_rounds=4, save_steps=2, save_total_limit=0, **overrides)
+
+
+def test_dynamic_sampling_keeps_only_informative_groups(tmp_path, monkeypatch):
+    metrics = read_metrics(train(dynamic_config(tmp_path, monkeypatch, max_steps=4)))
+    assert sum(m["dynamic_sampling_rounds"] for m in metrics) > 0  # constant groups were drawn and replaced
+    assert any(m["dynamic_sampling_drop_rate"] > 0 for m in metrics)
+    for m in metrics:
+        if m["dynamic_sampling_filled_groups"] == 0:  # the groups that reached the loss all carry a signal
+            assert len(m["reward_per_prompt"]) >= 1
+            assert not any("constant" in p for p in m["reward_per_prompt"]), m["reward_per_prompt"]
+            assert m["zero_std_groups"] == 0.0
+    # without it the constant groups are trained on (zero advantage)
+    plain = read_metrics(train(demo_config(tmp_path, rewards=json.dumps([{"name": "constant_for_some"}]),
+                                           prompts=json.dumps(["constant one", "a red image"]), max_steps=1,
+                                           per_device_train_batch_size=16, num_generations=8,
+                                           output_dir=str(tmp_path / "plain"))))
+    assert plain[0]["zero_std_groups"] == 0.5 and "dynamic_sampling_rounds" not in plain[0]
+
+
+def test_dynamic_sampling_resumes_exactly(tmp_path, monkeypatch):
+    full = read_metrics(train(dynamic_config(tmp_path, monkeypatch, max_steps=4)))
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "run" / "checkpoint-2", resumed_dir / "checkpoint-2")
+    resumed = read_metrics(train(dynamic_config(tmp_path, monkeypatch, max_steps=4, output_dir=str(resumed_dir)),
+                                 resume=True))
+    assert [m["step"] for m in resumed] == [3, 4]
+    for a, b in zip(full[2:], resumed):
+        assert {k: v for k, v in a.items() if not k.endswith("_seconds")} == \
+            {k: v for k, v in b.items() if not k.endswith("_seconds")}

@@ -78,6 +78,18 @@ def test_two_processes_match_one_process(data_parallel_ranks):
 
 
 @pytest.mark.slow
+def test_collective_training_options_keep_processes_in_step(data_parallel_ranks, tmp_path_factory):
+    """The data-parallel run trained with dynamic sampling, adaptive entropy, batch scaling and GDPO (see
+    multiproc_check.DDP_TRAINING): the weights stayed identical (above), and the options did act."""
+    import json
+
+    run = Path(data_parallel_ranks[0]["run_dir"])
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(m["dynamic_sampling_rounds"] > 0 for m in metrics)
+    assert all(m["entropy_coef"] > 0.01 for m in metrics)
+
+
+@pytest.mark.slow
 def test_a_reward_failing_on_one_process_stops_every_process(tmp_path):
     """The stop after max_reward_failure_steps unscored steps is collective: the process whose reward works stops
     too (with the same error) instead of waiting in the next collective forever."""

@@ -146,10 +146,10 @@ def trained_parameters(output_dir: str, resume: str | None = None,
     return caught["before"], {n: full_tensor(p.detach()).clone() for n, p in after}, sharded
 
 
-# The data-parallel training run: dynamic sampling (rounds decided together; the yellow prompt's groups are
+# The training runs (data-parallel and FSDP): dynamic sampling (rounds decided together; the yellow prompt's groups are
 # constant, so whichever process draws it samples again and the other must follow), adaptive entropy control (its
 # entropy all-reduced), batch-scaled advantages and the GDPO aggregation (all-reduced moments).
-DDP_TRAINING = {"dynamic_sampling": True, "dynamic_sampling_max_rounds": 2, "use_adaptive_entropy": True,
+COLLECTIVE_TRAINING = {"dynamic_sampling": True, "dynamic_sampling_max_rounds": 2, "use_adaptive_entropy": True,
                 "entropy_coef": 0.01, "entropy_target": 100.0, "scale_rewards": "batch",
                 "multi_objective_aggregation": "normalize_then_sum",
                 "rewards": [{"name": "constant_for_yellow", "weight": 2.0}]}
@@ -217,13 +217,13 @@ def main(out: str) -> None:
     result["run_dir"] = run
     # under FSDP: a mid-way checkpoint too, a second run that resumes from it, and an evaluation after the last
     # step (every process must take part in it)
-    overrides = {"save_steps": STEPS - 1, "save_total_limit": 0, "eval_steps": STEPS, "eval_prompts": PROMPTS[:1],
-                 "eval_num_images": 2, "fsdp_gather_for_sampling": True, "gradient_checkpointing": True} if fsdp else \
-        DDP_TRAINING  # data-parallel: the options whose decisions are collective
-    if not fsdp:
-        import rewards
+    import rewards
 
-        rewards.REGISTRY["constant_for_yellow"] = "multiproc_check:ConstantForYellow"
+    rewards.REGISTRY["constant_for_yellow"] = "multiproc_check:ConstantForYellow"
+    # both runs train with the options whose decisions are collective (COLLECTIVE_TRAINING)
+    overrides = {**COLLECTIVE_TRAINING, "save_steps": STEPS - 1, "save_total_limit": 0, "eval_steps": STEPS,
+                 "eval_prompts": PROMPTS[:1], "eval_num_images": 2, "fsdp_gather_for_sampling": True,
+                 "gradient_checkpointing": True} if fsdp else COLLECTIVE_TRAINING
     result["initial"], result["trained"], result["sharded"] = trained_parameters(run, **overrides)
     if fsdp:
         _, result["resumed"], _ = trained_parameters(run, resume=f"{run}/checkpoint-{STEPS - 1}", **overrides)

@@ -80,7 +80,7 @@ def test_two_processes_match_one_process(data_parallel_ranks):
 @pytest.mark.slow
 def test_collective_training_options_keep_processes_in_step(data_parallel_ranks, tmp_path_factory):
     """The data-parallel run trained with dynamic sampling, adaptive entropy, batch scaling and GDPO (see
-    multiproc_check.DDP_TRAINING): the weights stayed identical (above), and the options did act."""
+    multiproc_check.COLLECTIVE_TRAINING): the weights stayed identical (above), and the options did act."""
     import json
 
     run = Path(data_parallel_ranks[0]["run_dir"])

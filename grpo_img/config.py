@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import importlib.resources
 import json
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ import rewards
 from grpo_img.loss import MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS, LossSettings
 from policies.base import SamplingSettings
 from policies.plan import PlanSettings
+
+log = logging.getLogger(__name__)
 
 DEMO_CONFIG = "demo_tiny"
 
@@ -180,6 +183,10 @@ class GRPOImgConfig:
         if self.steps_per_generation % self.gradient_accumulation_steps:
             raise ValueError("steps_per_generation must be a multiple of gradient_accumulation_steps")
         self.loss_settings()  # validates the loss fields
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            log.warning("loss_type luspo is defined with importance_sampling_level: sequence (the paper's setup)")
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            log.warning("loss_type vespo computes its sequence weight itself; importance_sampling_level should be token")
         if self.dynamic_sampling_max_rounds < 1:
             raise ValueError(f"dynamic_sampling_max_rounds must be >= 1, got {self.dynamic_sampling_max_rounds}")
         if not 0.0 <= self.top_entropy_quantile <= 1.0:

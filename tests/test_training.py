@@ -108,6 +108,16 @@ def test_trl_loss_variants_train(tmp_path, options):
         assert all(0.1 < m["trained_token_fraction"] < 0.35 for m in metrics)
 
 
+def test_adam_epsilon_reaches_the_optimizer(tmp_path):
+    from grpo_img.trainer import build_optimizer, setup_policy
+
+    config = demo_config(tmp_path, adam_epsilon=1e-6, policy_options=json.dumps({"tiny": True}))
+    optimizer, _ = build_optimizer(setup_policy(config, torch.device("cpu")), config)
+    assert [group["eps"] for group in optimizer.param_groups] == [1e-6] * len(optimizer.param_groups)
+    with pytest.raises(ValueError, match="adam_epsilon must be > 0"):
+        demo_config(tmp_path, adam_epsilon=0)
+
+
 def test_lora_dropout_is_refused_with_the_reason(tmp_path):
     with pytest.raises(ValueError, match="lora_dropout must be 0.*on-policy"):
         demo_config(tmp_path, lora_dropout=0.05)

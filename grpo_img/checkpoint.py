@@ -10,12 +10,23 @@ form of `torch.distributed.checkpoint` (`optimizer_layout: "by_name"`), which on
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+# Config fields a resume may change: they do not change the training trajectory (logging, saving, evaluation,
+# stopping rules, where the run lives). max_steps may only grow. Every other difference is refused.
+RESUMABLE_CHANGES = {"max_steps", "logging_steps", "image_log_steps", "save_steps", "save_total_limit",
+                     "report_to_tensorboard", "eval_steps", "eval_prompts", "eval_rewards", "eval_num_images",
+                     "output_dir", "overwrite_output_dir", "max_nonfinite_steps", "max_reward_failure_steps"}
 
 
 def save_checkpoint(output_dir: str | Path, step: int, peft_model, optimizer, scheduler, extra: dict,
@@ -39,12 +50,47 @@ def save_checkpoint(output_dir: str | Path, step: int, peft_model, optimizer, sc
         },
         tmp / "trainer_state.pt",
     )
+    write_manifest(tmp)  # last: a checkpoint whose files do not match it is not used
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     if keep > 0:
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
     return final
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _file_digest(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps(entries, indent=1))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be used (a file missing, truncated or changed against its manifest), or None."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "no manifest.json (written before manifests, or cut short)"
+    try:
+        entries = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        return "manifest.json is not valid JSON"
+    for name, entry in entries.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+        if _file_digest(path) != entry["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -58,11 +104,40 @@ def find_checkpoint(output_dir: str | Path, resume: str | bool) -> Path:
         found = list_checkpoints(output_dir)
         if not found:
             raise FileNotFoundError(f"--resume: no checkpoint-* in {output_dir}")
-        return found[-1]
+        for path in reversed(found):  # the newest one that verifies
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            log.warning("--resume: skipping %s: %s; trying the one before", path, problem)
+        raise ValueError(f"--resume: no checkpoint in {output_dir} verifies against its manifest")
     path = Path(resume)
     if not (path / "trainer_state.pt").is_file():
         raise FileNotFoundError(f"--resume: {path} is not a checkpoint folder (no trainer_state.pt)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"--resume: {path} cannot be used: {problem}")
     return path
+
+
+def saved_config(checkpoint: Path) -> dict | None:
+    """The config a checkpoint was written under (None: a checkpoint from before configs were kept in it)."""
+    return torch.load(checkpoint / "trainer_state.pt", weights_only=False).get("config")
+
+
+def resume_changes(saved: dict, config: dict, checkpoint_step: int) -> dict:
+    """The fields that differ between the checkpoint's config and this one: refused (ValueError naming them) where
+    they change the trajectory, returned ({field: (old, new)}) where a resume may change them."""
+    differ = {k: (saved.get(k), v) for k, v in config.items() if k in saved and saved[k] != v}
+    refused = {k: d for k, d in differ.items() if k not in RESUMABLE_CHANGES}
+    if refused:
+        lines = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(refused.items()))
+        raise ValueError(f"--resume: the config differs from the checkpoint's in fields that change the training "
+                         f"trajectory: {lines}. Resume with the checkpoint's values, or start a new run (another "
+                         "output_dir, or --overwrite_output_dir true)")
+    if config["max_steps"] <= checkpoint_step:
+        raise ValueError(f"--resume: max_steps {config['max_steps']} is not above the checkpoint's step "
+                         f"{checkpoint_step}: there is nothing left to train (raise max_steps)")
+    return differ
 
 
 def load_checkpoint(path: Path, peft_model, optimizer, scheduler) -> dict:

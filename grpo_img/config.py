@@ -15,6 +15,7 @@ import difflib
 import importlib.resources
 import json
 import logging
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,7 @@ class GRPOImgConfig:
 
     # -- output --------------------------------------------------------------------------------------------------
     output_dir: str = "runs/demo"
+    overwrite_output_dir: bool = False  # a fresh run in a non-empty output_dir clears it (else it is refused)
     logging_steps: int = 1
     image_log_steps: int = 10  # image grid every N steps (0: never)
     save_steps: int = 50  # checkpoint every N steps (0: only at the end)
@@ -173,6 +175,11 @@ class GRPOImgConfig:
         return self.generation_batch_size // self.num_generations
 
     def validate(self) -> None:
+        """Every field's type (strictly: `true` is no number, `maybe` no boolean) and range, then how they fit
+        together; one line per problem, before anything is built."""
+        problems = _type_problems(self) + _range_problems(self)
+        if problems:
+            raise ValueError("invalid config:\n  " + "\n  ".join(problems))
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (GRPO compares samples within a group), "
                              f"got {self.num_generations}")
@@ -267,6 +274,91 @@ class GRPOImgConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(GRPOImgConfig)}
+
+# Ranges, checked before anything is built. (name, test, what it must be)
+POSITIVE = ("learning_rate", "image_heads_learning_rate", "max_grad_norm", "adam_epsilon", "plan_temperature",
+            "temperature", "entropy_coef_delta")
+AT_LEAST_ONE = ("max_steps", "num_iterations", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "steps_per_generation", "lora_r", "lora_alpha", "logging_steps", "max_nonfinite_steps",
+                "max_reward_failure_steps", "plan_max_tokens", "eval_num_images", "num_generations")
+NON_NEGATIVE = ("beta", "weight_decay", "warmup_steps", "save_steps", "save_total_limit", "image_log_steps",
+                "eval_steps", "top_k", "plan_top_k", "entropy_coef_min", "entropy_target")
+UNIT_INTERVAL = ("adam_beta1", "adam_beta2")  # [0, 1)
+
+
+def config_help() -> str:
+    """Every config key with its default and the comment beside it in `GRPOImgConfig`, by section (for --help)."""
+    import inspect
+    import re
+
+    lines = []
+    for line in inspect.getsource(GRPOImgConfig).splitlines():
+        section = re.match(r"\s+# -- (.+?) -+$", line)
+        entry = re.match(r"\s+(\w+): [^=]+= (.+?)(?:\s+#\s*(.*))?$", line)
+        if section:
+            lines.append(f"\n{section.group(1)}:")
+        elif entry and entry.group(1) in FIELDS:
+            name, _, comment = entry.groups()
+            f = FIELDS[name]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            lines.append(f"  --{name} (default {json.dumps(default)})" + (f": {comment}" if comment else ""))
+    return "config keys (YAML or --key value; TRL's names where the concept is the same):" + "\n".join(lines)
+
+
+def _type_problems(config: GRPOImgConfig) -> list[str]:
+    """Each field against its annotation, strictly (pydantic): a bool is not a number, a string not a bool."""
+    from pydantic import TypeAdapter, ValidationError
+
+    hints = typing.get_type_hints(GRPOImgConfig)
+    problems = []
+    for name, hint in hints.items():
+        value = getattr(config, name)
+        try:
+            setattr(config, name, _adapter(TypeAdapter, hint).validate_python(value, strict=True))
+        except ValidationError as error:
+            expected = getattr(hint, "__name__", str(hint)).replace("NoneType", "null")
+            problems.append(f"{name}: {error.errors()[0]['msg'].lower()} ({expected}), got {value!r}")
+    return problems
+
+
+_ADAPTERS: dict = {}
+
+
+def _adapter(type_adapter, hint):
+    key = str(hint)
+    if key not in _ADAPTERS:
+        _ADAPTERS[key] = type_adapter(hint)
+    return _ADAPTERS[key]
+
+
+def _range_problems(config: GRPOImgConfig) -> list[str]:
+    problems = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{f.name}: must be a finite number, got {value}")
+    for name in POSITIVE:
+        value = getattr(config, name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
+            problems.append(f"{name}: must be > 0, got {value}")
+    for name in AT_LEAST_ONE:
+        value = getattr(config, name)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            problems.append(f"{name}: must be >= 1, got {value}")
+    for name in NON_NEGATIVE:
+        value = getattr(config, name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            problems.append(f"{name}: must be >= 0, got {value}")
+    for name in UNIT_INTERVAL:
+        value = getattr(config, name)
+        if isinstance(value, (int, float)) and not 0 <= value < 1:
+            problems.append(f"{name}: must be in [0, 1), got {value}")
+    for key in ("rewards", "eval_rewards"):
+        for entry in getattr(config, key) or []:
+            weight = entry.get("weight", 1.0) if isinstance(entry, dict) else 1.0
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                problems.append(f"{key}: the weight of {entry.get('name')!r} must be a finite number, got {weight!r}")
+    return problems
 
 
 def _coerce_numbers(config: GRPOImgConfig) -> None:

@@ -17,7 +17,8 @@ class PromptRecord:
 
 
 def load_prompts(source, prompt_column: str = "prompt") -> list[PromptRecord]:
-    """Load prompts. `source`: a list (of strings or dicts), a .txt or .jsonl path, or "hf:NAME[:SPLIT]"."""
+    """Load prompts. `source`: a list (of strings or dicts), a .txt, .jsonl, .json or .yaml path, or
+    "hf:NAME[:SPLIT]"."""
     if isinstance(source, (list, tuple)):
         records = [_record(item, prompt_column, f"prompts[{i}]") for i, item in enumerate(source)]
     elif isinstance(source, str) and source.startswith("hf:"):
@@ -35,8 +36,14 @@ def load_prompts(source, prompt_column: str = "prompt") -> list[PromptRecord]:
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
                     records.append(_record(item, prompt_column, f"{path}:{n}"))
-        else:
+        elif path.suffix in (".json", ".yaml", ".yml"):  # one list of strings or objects
+            items = _read_list_file(path)
+            records = [_record(item, prompt_column, f"{path}[{i}]") for i, item in enumerate(items)]
+        elif path.suffix in (".txt", ""):
             records = [PromptRecord(line.strip(), {}) for line in path.read_text().splitlines() if line.strip()]
+        else:
+            raise ValueError(f"prompt file {path}: unknown format {path.suffix!r}; use .txt (one prompt per line), "
+                             ".jsonl (one object per line), or .json / .yaml (one list)")
     else:
         raise ValueError(f"cannot read prompts from {source!r}")
     if not records:
@@ -44,8 +51,22 @@ def load_prompts(source, prompt_column: str = "prompt") -> list[PromptRecord]:
     return records
 
 
+def _read_list_file(path: Path) -> list:
+    import yaml
+
+    try:
+        items = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: not valid {path.suffix[1:].upper()} ({e})") from None
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a list of prompts (strings or objects), got {type(items).__name__}")
+    return items
+
+
 def _record(item, prompt_column: str, where: str) -> PromptRecord:
     if isinstance(item, str):
+        if not item.strip():
+            raise ValueError(f"{where}: empty prompt")
         return PromptRecord(item, {})
     if isinstance(item, dict):
         if not isinstance(item.get(prompt_column), str) or not item[prompt_column].strip():

@@ -11,12 +11,13 @@ import argparse
 import logging
 import sys
 
-from grpo_img.config import load_config
+from grpo_img.config import config_help, load_config
 from grpo_img.trainer import train
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=config_help())
     parser.add_argument("--config", default=None, help="YAML config file, or a shipped config's name (default: the "
                         "tiny demo)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,

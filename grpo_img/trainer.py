@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +24,8 @@ from trl.trainer.utils import disable_dropout_in_model
 
 import policies
 import rewards
-from grpo_img.checkpoint import find_checkpoint, load_adapter, load_trainer_state, save_checkpoint
+from grpo_img.checkpoint import (find_checkpoint, load_adapter, load_trainer_state, resume_changes, saved_config,
+                                 save_checkpoint)
 from grpo_img.config import GRPOImgConfig, save_config
 from grpo_img.data import PromptRecord, PromptSchedule, load_prompts
 from grpo_img.evaluate import Sampling, evaluate, reward_benchmark
@@ -130,7 +132,7 @@ def grpo_step(
     if old_logprobs is not None:  # the first scoring of this rollout: the sampler/scorer mismatch is measured here
         sums["gap_sum"] = float(((old_logprobs - rollout.logprobs).abs() * action_mask).sum())
         sums["gap_tokens"] = float(action_mask.sum())
-    updates, skipped, optimizer_seconds = 0, 0, 0.0
+    updates, skipped, empty_updates, optimizer_seconds = 0, 0, 0, 0.0
     for _ in range(config.num_iterations):
         for window in range(updates_per_rollout):
             rows = [torch.arange(start_row, start_row + micro, device=device)
@@ -142,6 +144,11 @@ def grpo_step(
                                    else 0.0)
             window_loss = window_backward(policy, rollout, rows, action_mask, advantages, old_logprobs,
                                           ref_logprobs, config, accelerator, sums, settings)
+            if sums["window_tokens"] == 0:  # nothing scored on any process: no update (Adam's momentum would
+                optimizer.zero_grad(set_to_none=True)  # still move the adapter), no scheduler step
+                sums.pop("window_entropy_sum", None), sums.pop("window_trained", None)
+                empty_updates += 1
+                continue
             if config.use_adaptive_entropy:
                 adapt_entropy_coef(state, config, accelerator, sums)
             # every process takes the same decision, so that the all-reduce below is entered by all or by none
@@ -199,6 +206,7 @@ def grpo_step(
         "zero_std_groups": float(zero_variance_groups(reward_values, group_size).float().mean()),
         "reward_failures": reward_failures,
         "skipped_updates": skipped,
+        "unscored_updates_skipped": empty_updates,  # windows without a scored action token on any process
         "step_seconds": end - start,
         "sample_seconds": seconds["sample"],
         "decode_seconds": seconds["decode"],
@@ -331,6 +339,7 @@ def window_backward(policy: Policy, rollout: Rollout, rows: list[torch.Tensor], 
     entropy_grad = settings.entropy_coef != 0.0 or config.use_adaptive_entropy
     micro = len(rows[0])
     window_tokens = accelerator.reduce(action_mask[torch.cat(rows)].sum().float(), "sum").item()
+    sums["window_tokens"] = window_tokens
     norm = LossNormalizer(sequences=float(micro * len(rows)), tokens=window_tokens / accelerator.num_processes,
                           micro_batches=len(rows), completion_length=rollout.completion_ids.shape[1])
     window_loss = torch.zeros((), device=action_mask.device)
@@ -385,6 +394,38 @@ def _score_all(policy: Policy, rollout: Rollout, cfg_mode: str, micro_batch: int
     return torch.cat(parts)
 
 
+def prepare_fresh_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """A fresh run needs an empty output folder: an old run's checkpoints would rotate out the new run's and a later
+    --resume would continue the old run. A non-empty folder is refused, or cleared with `overwrite_output_dir`."""
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        held = sorted(p.name for p in output_dir.iterdir())
+        if not overwrite:
+            raise ValueError(f"output_dir {output_dir} is not empty ({', '.join(held[:5])}"
+                             f"{', ...' if len(held) > 5 else ''}): continue that run with --resume, clear it with "
+                             "--overwrite_output_dir true, or choose another output_dir")
+        log.warning("overwrite_output_dir: clearing %s (%d entries)", output_dir, len(held))
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def apply_resume_changes(config: GRPOImgConfig, checkpoint: Path, output_dir: Path, accelerator: Accelerator) -> None:
+    """Refuse a resume whose config would change the trajectory; apply and record the changes a resume may make
+    (in the log and in output_dir/resumes.jsonl)."""
+    saved = saved_config(checkpoint)
+    if saved is None and (output_dir / "config.json").is_file():  # a checkpoint from before configs were kept in it
+        saved = json.loads((output_dir / "config.json").read_text())
+    step = int(checkpoint.name.split("-")[1])
+    changes = resume_changes(saved or {}, config.to_dict(), step)
+    for key, (old, new) in changes.items():
+        log.info("resume from %s: %s %r -> %r", checkpoint, key, old, new)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with (output_dir / "resumes.jsonl").open("a") as f:
+            f.write(json.dumps({"checkpoint": str(checkpoint), "step": step,
+                                "changed": {k: {"from": o, "to": n} for k, (o, n) in changes.items()}},
+                               default=str) + "\n")
+
+
 def setup_policy(config: GRPOImgConfig, device: torch.device, policy: Policy | None = None) -> Policy:
     """The configured policy (or `policy`, already built, e.g. at a benchmark size) made ready to train: plan,
     LoRA adapter, no dropout, gradient checkpointing, on `device`."""
@@ -419,25 +460,34 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
     sharding = check_distributed_type(accelerator)
     output_dir = Path(config.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
 
+    # Everything that can be wrong with the input is found before a model is built: the prompts, the sampling
+    # settings (left unset: the family's release ones; from here on the config holds them explicitly), the output
+    # folder, and on resume the checkpoint and how this config differs from its.
     records = load_prompts(config.prompts, config.prompt_column)
+    if config.eval_prompts is not None:
+        load_prompts(config.eval_prompts, config.prompt_column)
+    config = config.with_sampling(policies.policy_class(config.policy).default_sampling.override(
+        config.cfg_scale, config.temperature, config.top_k, config.top_p, config.min_p))
+    checkpoint = find_checkpoint(output_dir, resume) if resume else None
+    if checkpoint is not None:
+        apply_resume_changes(config, checkpoint, output_dir, accelerator)
+    elif accelerator.is_main_process:
+        prepare_fresh_output_dir(output_dir, config.overwrite_output_dir)
+    accelerator.wait_for_everyone()
+    log.info("sampling: cfg_scale %s, temperature %s, top_k %s, top_p %s, min_p %s", config.cfg_scale,
+             config.temperature, config.top_k, config.top_p, config.min_p)
+
     schedule = PromptSchedule(records, config.prompts_per_step, config.seed, accelerator.process_index,
                               accelerator.num_processes)
     reward_fn = rewards.build_composite(config.rewards)
     policy = setup_policy(config, accelerator.device)
-    # Sampling settings left unset are the family's release ones; from here on the config holds them explicitly.
-    config = config.with_sampling(policy.sampling_settings(config.cfg_scale, config.temperature, config.top_k,
-                                                           config.top_p, config.min_p))
-    log.info("sampling: cfg_scale %s, temperature %s, top_k %s, top_p %s, min_p %s", config.cfg_scale,
-             config.temperature, config.top_k, config.top_p, config.min_p)
+    policy.sampling_settings(config.cfg_scale, config.temperature, config.top_k, config.top_p, config.min_p)
     if accelerator.is_main_process:
         save_config(config, output_dir / "config.json")
     adapter_params, head_params = policy.trainable_parameters()
     broadcast_trainable(adapter_params + head_params, accelerator)
-    checkpoint = find_checkpoint(output_dir, resume) if resume else None
     if checkpoint is not None:
         load_adapter(checkpoint, policy.peft_model)  # into the full weights, before sharding
     shard_for_training(policy, sharding, accelerator)
@@ -485,8 +535,8 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
             adapter_state, optimizer_state = gather_for_saving(policy, optimizer, sharding)
             if accelerator.is_main_process:
                 save_checkpoint(output_dir, done, policy.peft_model, optimizer, scheduler,
-                                {"run_state": vars(state).copy()}, config.save_total_limit, adapter_state,
-                                optimizer_state)
+                                {"run_state": vars(state).copy(), "config": config.to_dict()},
+                                config.save_total_limit, adapter_state, optimizer_state)
         progress.update(1)
         progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}")
     progress.close()
@@ -495,7 +545,8 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     adapter_state, optimizer_state = gather_for_saving(policy, optimizer, sharding)
     if accelerator.is_main_process:
         save_checkpoint(output_dir, config.max_steps, policy.peft_model, optimizer, scheduler,
-                        {"run_state": vars(state).copy()}, config.save_total_limit, adapter_state, optimizer_state)
+                        {"run_state": vars(state).copy(), "config": config.to_dict()}, config.save_total_limit,
+                        adapter_state, optimizer_state)
         policy.peft_model.save_pretrained(output_dir / "adapter", state_dict=adapter_state)
         metrics_log.close()
         plot_reward_curve(read_metrics(output_dir), output_dir / "reward_curve.png")

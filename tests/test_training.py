@@ -114,7 +114,7 @@ def test_adam_epsilon_reaches_the_optimizer(tmp_path):
     config = demo_config(tmp_path, adam_epsilon=1e-6, policy_options=json.dumps({"tiny": True}))
     optimizer, _ = build_optimizer(setup_policy(config, torch.device("cpu")), config)
     assert [group["eps"] for group in optimizer.param_groups] == [1e-6] * len(optimizer.param_groups)
-    with pytest.raises(ValueError, match="adam_epsilon must be > 0"):
+    with pytest.raises(ValueError, match="adam_epsilon: must be > 0"):
         demo_config(tmp_path, adam_epsilon=0)
 
 
@@ -146,26 +146,32 @@ class Failing(Reward):
         return [0.5]
 
 
-class Huge(Reward):
-    """Finite rewards on an absurd scale: with scale_rewards=none the loss overflows to inf."""
+class HugeAfterThreeSteps(Reward):
+    """Ordinary rewards for three steps, then finite rewards on an absurd scale: with scale_rewards=none the loss
+    overflows to inf."""
+
+    calls = 0
 
     def __call__(self, images, prompts, metadata):
+        type(self).calls += 1
+        if type(self).calls <= 3:
+            return [0.1 * (i % 3) for i in range(len(images))]
         return [3e38 if i % 2 else -3e38 for i in range(len(images))]
 
 
 def test_nonfinite_loss_skips_steps_then_stops(tmp_path, monkeypatch, caplog):
     import rewards
 
-    monkeypatch.setitem(rewards.REGISTRY, "huge", f"{__name__}:Huge")
-    config = demo_config(tmp_path, max_steps=3, save_steps=1, rewards='[{"name": "color"}]')
-    train(config)  # a good run to resume from
+    monkeypatch.setitem(rewards.REGISTRY, "huge_later", f"{__name__}:HugeAfterThreeSteps")
+    monkeypatch.setattr(HugeAfterThreeSteps, "calls", 0)
     config = demo_config(tmp_path, max_steps=10, save_steps=1, save_total_limit=5, scale_rewards="none",
-                         rewards='[{"name": "huge"}]', max_nonfinite_steps=3)
+                         rewards='[{"name": "huge_later"}]', max_nonfinite_steps=3)
     with pytest.raises(RuntimeError, match="non-finite loss in 3 steps in a row"):
-        train(config, resume=True)
+        train(config)
     assert "skipped because the loss or gradient was not finite" in caplog.text
     # no checkpoint was written over the skipped steps; the good ones stay
-    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2",
+                                                                                "checkpoint-3"]
 
 
 def test_infinite_rewards_are_unscored_not_trained_on(tmp_path, monkeypatch, caplog):
@@ -288,3 +294,82 @@ def test_dynamic_sampling_resumes_exactly(tmp_path, monkeypatch):
     for a, b in zip(full[2:], resumed):
         assert {k: v for k, v in a.items() if not k.endswith("_seconds")} == \
             {k: v for k, v in b.items() if not k.endswith("_seconds")}
+
+
+class ScoresOnlyTheFirstBatch:
+    """The colour reward for its first call; then every sample is unscored (an outage)."""
+
+    def __new__(cls, **options):
+        from rewards.color import ColorReward
+
+        class Reward(ColorReward):
+            calls = 0
+
+            def __call__(self, images, prompts, metadata):
+                type(self).calls += 1
+                if type(self).calls > 1:
+                    raise ConnectionError("reward backend down")
+                return super().__call__(images, prompts, metadata)
+
+        return Reward(**options)
+
+
+def test_unscored_steps_do_not_move_the_adapter(tmp_path, monkeypatch):
+    """With zero gradients Adam's momentum would still move the adapter: an unscored window skips the update."""
+    import rewards
+    from peft.utils import load_peft_weights
+
+    monkeypatch.setitem(rewards.REGISTRY, "first_batch_only", "test_training:ScoresOnlyTheFirstBatch")
+    config = demo_config(tmp_path, rewards=json.dumps([{"name": "first_batch_only"}]), max_steps=3, save_steps=1,
+                         save_total_limit=0, max_reward_failure_steps=5)
+    out = train(config)
+    metrics = read_metrics(out)
+    assert [m["unscored_updates_skipped"] for m in metrics] == [0, 1, 1]
+    after_first = load_peft_weights(str(out / "checkpoint-1" / "adapter"))
+    final = load_peft_weights(str(out / "adapter"))
+    assert any(v.abs().sum() > 0 for k, v in after_first.items() if "lora_B" in k)  # step 1 trained
+    assert all(torch.equal(after_first[k], final[k]) for k in final)
+    assert metrics[1]["learning_rate"] == metrics[0]["learning_rate"]
+
+
+def fast_config(tmp_path, **overrides):
+    """The demo without its palette fit (seconds faster), for tests about the run folder."""
+    return demo_config(tmp_path, policy_options=json.dumps({"tiny": True}), **overrides)
+
+
+def test_a_fresh_run_refuses_a_used_output_dir_unless_told_to_clear_it(tmp_path):
+    train(fast_config(tmp_path, max_steps=2, save_steps=1))
+    with pytest.raises(ValueError, match="is not empty .*--resume.*--overwrite_output_dir"):
+        train(fast_config(tmp_path, max_steps=2, save_steps=1, learning_rate=0.01))
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    train(fast_config(tmp_path, max_steps=1, save_steps=0, overwrite_output_dir="true"))
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+def test_resume_refuses_trajectory_changes_and_records_the_allowed_ones(tmp_path):
+    train(fast_config(tmp_path, max_steps=2, save_steps=1, save_total_limit=0))
+    for changed, named in ((dict(learning_rate=2e-3), "learning_rate"), (dict(lr_scheduler_type="cosine"),
+                                                                         "lr_scheduler_type")):
+        with pytest.raises(ValueError, match=f"change the training trajectory: {named}"):
+            train(fast_config(tmp_path, max_steps=4, save_steps=1, save_total_limit=0, **changed), resume=True)
+    with pytest.raises(ValueError, match="max_steps 2 is not above the checkpoint's step 2"):
+        train(fast_config(tmp_path, max_steps=2, save_steps=1, save_total_limit=0), resume=True)
+    train(fast_config(tmp_path, max_steps=3, save_steps=1, save_total_limit=0, image_log_steps=1), resume=True)
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    record = json.loads((tmp_path / "run" / "resumes.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 2 and record["changed"] == {"max_steps": {"from": 2, "to": 3},
+                                                         "image_log_steps": {"from": 0, "to": 1}}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["max_steps"] == 3
+
+
+def test_resume_falls_back_from_a_corrupted_checkpoint(tmp_path, caplog):
+    train(fast_config(tmp_path, max_steps=2, save_steps=1, save_total_limit=0))
+    state = tmp_path / "run" / "checkpoint-2" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:-100])  # a disk error in the newest checkpoint
+    with caplog.at_level("WARNING"):
+        train(fast_config(tmp_path, max_steps=3, save_steps=0, save_total_limit=0), resume=True)
+    assert "skipping" in caplog.text and "checkpoint-2" in caplog.text and "bytes" in caplog.text
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]  # resumed at step 1, ran 2 and 3
+    with pytest.raises(ValueError, match="cannot be used: trainer_state.pt has"):
+        train(fast_config(tmp_path, max_steps=4), resume=str(tmp_path / "run" / "checkpoint-2"))

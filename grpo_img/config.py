@@ -218,20 +218,17 @@ class GRPOImgConfig:
         for name in ("max_steps", "num_iterations", "per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.policy not in policies.available():
-            raise ValueError(f"unknown policy {self.policy!r}; available: {', '.join(policies.available())}")
-        for entry in self.rewards:
-            if not isinstance(entry, dict) or entry.get("name") not in rewards.available():
-                raise ValueError(f"unknown reward entry {entry!r}: each needs a 'name' among "
-                                 f"{', '.join(rewards.available())}")
+        policies.policy_class(self.policy)  # a registered name, or "module:Class" that imports
+        for key in ("rewards", "eval_rewards"):
+            for entry in getattr(self, key) or []:
+                if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                    raise ValueError(f"{key} entry {entry!r} needs a 'name' among {', '.join(rewards.available())}, "
+                                     "or your own reward as 'module:Name'")
+                rewards.reward_factory(entry["name"])
         if self.eval_steps < 0:
             raise ValueError(f"eval_steps must be >= 0, got {self.eval_steps}")
         if self.eval_steps and self.eval_prompts is None:
             raise ValueError("eval_steps is set but eval_prompts is not: give held-out prompts to evaluate on")
-        for entry in self.eval_rewards or []:
-            if not isinstance(entry, dict) or entry.get("name") not in rewards.available():
-                raise ValueError(f"unknown eval_rewards entry {entry!r}: each needs a 'name' among "
-                                 f"{', '.join(rewards.available())}")
         if self.eval_num_images < 1:
             raise ValueError(f"eval_num_images must be >= 1, got {self.eval_num_images}")
         if self.prompts is None:

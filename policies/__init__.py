@@ -22,10 +22,29 @@ def available() -> list[str]:
 
 
 def policy_class(name: str) -> type[Policy]:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown policy {name!r}; available: {', '.join(available())}")
-    module_name, class_name = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    """A registered family by name, or your own `Policy` subclass given as "package.module:ClassName"."""
+    if name in REGISTRY:
+        module_name, class_name = REGISTRY[name].split(":")
+        return getattr(importlib.import_module(module_name), class_name)
+    if ":" not in name:
+        raise ValueError(f"unknown policy {name!r}; available: {', '.join(available())}, or a Policy subclass "
+                         "as 'module:ClassName'")
+    cls = import_object(name, "policy")
+    if not (inspect.isclass(cls) and issubclass(cls, Policy)):
+        raise ValueError(f"policy {name!r} is not a subclass of policies.base.Policy")
+    return cls
+
+
+def import_object(spec: str, what: str):
+    """`module:attribute`, imported; a clear error when either part is missing."""
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"{what} {spec!r}: cannot import {module_name!r} ({error})") from None
+    if not hasattr(module, attribute):
+        raise ValueError(f"{what} {spec!r}: module {module_name!r} has no {attribute!r}")
+    return getattr(module, attribute)
 
 
 # Options of the engine (policies/base.py), the same for every family.

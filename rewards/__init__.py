@@ -24,11 +24,36 @@ def available() -> list[str]:
     return sorted(REGISTRY)
 
 
+def reward_factory(name: str):
+    """A registered reward's class, or your own given as "package.module:Name": a `Reward` subclass or a function
+    that returns one (called with the entry's options), or a plain scoring function
+    `f(images, prompts, metadata) -> list[float]` (no options)."""
+    if name in REGISTRY:
+        module_name, class_name = REGISTRY[name].split(":")
+        return getattr(importlib.import_module(module_name), class_name)
+    if ":" not in name:
+        raise ValueError(f"unknown reward {name!r}; available: {', '.join(available())}, or your own as "
+                         "'module:Name'")
+    from policies import import_object
+
+    target = import_object(name, "reward")
+    if not callable(target):
+        raise ValueError(f"reward {name!r} is not callable")
+    return target
+
+
 def build(name: str, **options) -> Reward:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown reward {name!r}; available: {', '.join(available())}")
-    module_name, class_name = REGISTRY[name].split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = reward_factory(name)
+    if not (inspect.isclass(cls) and issubclass(cls, Reward)):  # your own: a factory, or a scoring function
+        params = inspect.signature(cls).parameters
+        if list(params)[:3] == ["images", "prompts", "metadata"]:
+            if options:
+                raise ValueError(f"reward {name!r} is a scoring function: it takes no options, got {sorted(options)}")
+            return FunctionReward(cls, name)
+        reward = cls(**options)
+        if not isinstance(reward, Reward):
+            raise ValueError(f"reward {name!r} returned {type(reward).__name__}, not a rewards.base.Reward")
+        return reward
     params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     unknown = sorted(set(options) - set(params) - {"self"})
@@ -36,6 +61,16 @@ def build(name: str, **options) -> Reward:
         raise ValueError(f"unknown option(s) {unknown} for reward {name!r}; accepted: "
                          f"{', '.join(p for p in params if p != 'self')}")
     return cls(**options)
+
+
+class FunctionReward(Reward):
+    """A plain scoring function `f(images, prompts, metadata) -> list[float]` as a reward."""
+
+    def __init__(self, function, name: str):
+        self.function, self.name = function, name
+
+    def __call__(self, images, prompts, metadata):
+        return self.function(images, prompts, metadata)
 
 
 def build_composite(specs: list[dict]) -> WeightedSum:

@@ -2,8 +2,10 @@
 
 Images go as base64 PNG (default, lossless: scores equal the local reward's) or JPEG (smaller; what Flow-GRPO's
 client sends), metadata as JSON; never pickle. Requests carry at most `batch_size` samples (Flow-GRPO sends 64).
-Each request has a `timeout` and is retried `retries` times on connection errors, timeouts and 5xx answers, with
-a short growing pause; 4xx answers (our request is wrong) and garbage answers are not retried. When the server
+`timeout` is a deadline for a whole request (connecting, sending, the complete answer), not per socket read, so a
+server that trickles bytes cannot hold a call longer; a request is retried `retries` times on connection errors,
+timeouts and 5xx answers, with a short growing pause, and all attempts of one request together end by
+`total_timeout`. 4xx answers (our request is wrong) and garbage answers are not retried. When the server
 cannot be reached the call raises `RewardUnavailable`, which the trainer turns into an unscored step (and stops
 after max_reward_failure_steps such steps in a row); samples the server reports as failed come back as NaN, their
 reasons in `last_errors`.
@@ -11,12 +13,14 @@ reasons in `last_errors`.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import math
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 
 from rewards.base import Reward, RewardContractError, RewardUnavailable
 from rewards.server import encode_image
@@ -27,15 +31,20 @@ log = logging.getLogger("rewards.remote")
 class RemoteReward(Reward):
     name = "remote"
 
-    def __init__(self, url: str = "http://127.0.0.1:18085", timeout: float = 120.0, retries: int = 3,
-                 batch_size: int = 64, image_format: str = "png", backoff: float = 0.5):
-        if batch_size < 1 or retries < 0 or timeout <= 0:
-            raise ValueError(f"need batch_size >= 1, retries >= 0, timeout > 0; got {batch_size}, {retries}, "
-                             f"{timeout}")
+    def __init__(self, url: str = "http://127.0.0.1:18085", timeout: float = 60.0, retries: int = 3,
+                 batch_size: int = 64, image_format: str = "png", backoff: float = 0.5,
+                 total_timeout: float | None = None):
+        total_timeout = 2 * timeout if total_timeout is None else total_timeout
+        if batch_size < 1 or retries < 0 or timeout <= 0 or total_timeout <= 0:
+            raise ValueError(f"need batch_size >= 1, retries >= 0, timeout > 0, total_timeout > 0; got "
+                             f"{batch_size}, {retries}, {timeout}, {total_timeout}")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url must be http(s)://host[:port], got {url!r}")
         if image_format not in ("png", "jpeg"):
             raise ValueError(f"image_format must be 'png' or 'jpeg', not {image_format!r}")
         self.url = url.rstrip("/")
-        self.timeout, self.retries, self.batch_size = timeout, retries, batch_size
+        self.timeout, self.total_timeout, self.retries, self.batch_size = timeout, total_timeout, retries, batch_size
         self.image_format, self.backoff = image_format, backoff
         self.last_errors: list[str | None] = []
 
@@ -64,34 +73,66 @@ class RemoteReward(Reward):
         return scores
 
     def _post(self, body: bytes):
-        request = urllib.request.Request(f"{self.url}/score", data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
-        attempts = self.retries + 1
-        for attempt in range(attempts):
+        end = time.monotonic() + self.total_timeout
+        attempts, attempt, last = self.retries + 1, 0, "no attempt"
+        while attempt < attempts and time.monotonic() < end:
+            attempt += 1
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    raw = response.read()
-                break
-            except urllib.error.HTTPError as error:
-                detail = error.read()[:300].decode(errors="replace")
-                if error.code < 500:
-                    raise ValueError(f"reward server at {self.url} refused the request ({error.code}): "
-                                     f"{detail}") from None
-                if error.code == 500 and "RewardContractError" in detail:
-                    raise RewardContractError(f"reward server at {self.url}: {detail}") from None
-                last = f"HTTP {error.code}: {detail}"
-            except (urllib.error.URLError, OSError) as error:  # refused, reset, DNS, timeout
-                reason = getattr(error, "reason", error)
-                last = f"{type(reason).__name__}: {reason}"
-            if attempt + 1 < attempts:
-                log.warning("reward server at %s: %s; retry %d of %d", self.url, last, attempt + 1, self.retries)
-                time.sleep(self.backoff * 2 ** attempt)
+                status, raw = post_with_deadline(self.url, body, min(self.timeout, end - time.monotonic()))
+                if status < 400:
+                    break
+                detail = raw[:300].decode(errors="replace")
+                if status < 500:
+                    raise ValueError(f"reward server at {self.url} refused the request ({status}): {detail}")
+                if status == 500 and "RewardContractError" in detail:
+                    raise RewardContractError(f"reward server at {self.url}: {detail}")
+                last = f"HTTP {status}: {detail}"
+            except (OSError, http.client.HTTPException) as error:  # refused, reset, DNS, deadline passed
+                last = f"{type(error).__name__}: {error}"
+            pause = min(self.backoff * 2 ** (attempt - 1), max(end - time.monotonic(), 0.0))
+            if attempt < attempts and pause > 0:
+                log.warning("reward server at %s: %s; retry %d of %d", self.url, last, attempt, self.retries)
+                time.sleep(pause)
         else:
-            raise RewardUnavailable(f"reward server at {self.url} did not answer after {attempts} attempt(s) "
-                                    f"(timeout {self.timeout} s each); last error: {last}. Is "
-                                    "`python -m rewards.server` running there?")
+            raise RewardUnavailable(f"reward server at {self.url} did not answer after {attempt} attempt(s) "
+                                    f"(deadline {self.timeout} s each, {self.total_timeout} s in all); last error: "
+                                    f"{last}. Is `python -m rewards.server` running there?")
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise RewardContractError(f"reward server at {self.url} answered with something that is not JSON: "
                                       f"{raw[:200]!r}") from None
+
+
+def post_with_deadline(url: str, body: bytes, deadline: float) -> tuple[int, bytes]:
+    """POST `body` to `url`/score and read the whole answer within `deadline` seconds in all: the exchange runs
+    in a thread that is cut off (its socket shut) when the deadline passes."""
+    parts = urllib.parse.urlsplit(url)
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_class(parts.hostname, parts.port, timeout=deadline)
+    result: dict = {}
+
+    def exchange():
+        try:
+            connection.request("POST", parts.path.rstrip("/") + "/score", body=body,
+                               headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            result["answer"] = (response.status, response.read())
+        except Exception as error:  # noqa: BLE001 - handed to the caller
+            result["error"] = error
+
+    worker = threading.Thread(target=exchange, daemon=True)
+    worker.start()
+    worker.join(deadline)
+    if worker.is_alive():
+        if connection.sock is not None:
+            try:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        connection.close()
+        raise TimeoutError(f"no complete answer within the {deadline:.3g} s deadline (timed out)")
+    connection.close()
+    if "error" in result:
+        raise result["error"]
+    return result["answer"]

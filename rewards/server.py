@@ -10,9 +10,11 @@ request bodies, so that anyone who can reach its port can run code on it): JSON 
   `{"images": [base64 PNG or JPEG bytes], "prompts": [str], "metadata": [object]}` (equal lengths).
 - 200: `{"scores": [number | null], "errors": [str | null]}`; a sample whose reward raised (or returned no
   score) has `null` and the reason, the other samples are scored (rewards.base.score_isolated).
-- 400 malformed JSON/fields/images (or one over 4096x4096 pixels), 411 no Content-Length, 413 body over
-  --max-bytes, 415 not JSON, 404 unknown path, 500 the reward broke its contract (wrong count, non-numbers). The
-  server keeps serving after any of them.
+- 400 malformed JSON/fields/images (also JSON nested too deep or a number too long to parse), 411 no
+  Content-Length, 413 body over --max-bytes, an image over 4096x4096 pixels or a request over --max-pixels in all
+  (sizes read from the image headers, before anything is decoded), 415 not JSON, 404 unknown path, 408 a client
+  that has not sent its whole request within --request-timeout seconds, 500 the reward broke its contract (wrong
+  count, non-numbers). The server keeps serving after any of them.
 - `GET /health`: `{"reward": NAME, "requests": n, "samples": n}` (counts of answered /score calls).
 Requests are handled in threads but the reward is called under a lock: reward models are rarely thread-safe.
 """
@@ -26,8 +28,10 @@ import io
 import json
 import logging
 import math
+import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
@@ -38,11 +42,17 @@ from rewards.base import Reward, RewardContractError, score_isolated
 log = logging.getLogger("rewards.server")
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
-MAX_PIXELS = 4096 * 4096
+MAX_PIXELS = 4096 * 4096  # per image
+DEFAULT_MAX_REQUEST_PIXELS = 64 * 1024 * 1024  # per request: 64 images of 1024 x 1024 (~200 MB decoded)
+DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds for a client to send its whole request
 
 
 class BadRequest(ValueError):
-    pass
+    status = 400
+
+
+class TooLarge(BadRequest):
+    status = 413
 
 
 def encode_image(image: Image.Image, image_format: str = "png") -> str:
@@ -54,11 +64,14 @@ def encode_image(image: Image.Image, image_format: str = "png") -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_request(body: bytes) -> tuple[list[Image.Image], list[str], list[dict]]:
+def decode_request(body: bytes, max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+                   ) -> tuple[list[Image.Image], list[str], list[dict]]:
     try:
         request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadRequest(f"body is not JSON: {error}") from None
+    except RecursionError:
+        raise BadRequest("body is JSON nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as error:  # JSONDecodeError, and numbers over Python's digit limit
+        raise BadRequest(f"body is not JSON we can read: {error}") from None
     if not isinstance(request, dict) or not {"images", "prompts", "metadata"} <= set(request):
         raise BadRequest("body must be an object with 'images', 'prompts' and 'metadata'")
     images, prompts, metadata = request["images"], request["prompts"], request["metadata"]
@@ -67,19 +80,29 @@ def decode_request(body: bytes) -> tuple[list[Image.Image], list[str], list[dict
         raise BadRequest("'images', 'prompts' and 'metadata' must be lists of equal length")
     if not all(isinstance(p, str) for p in prompts) or not all(isinstance(m, dict) for m in metadata):
         raise BadRequest("prompts must be strings and metadata objects")
-    decoded = []
+    # first every header (PIL reads only the header on open), so that the sizes are checked before any pixel is
+    # decoded: a small PNG can decode to gigabytes
+    opened, total = [], 0
     for i, data in enumerate(images):
         try:
             image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
-            if image.format not in ("PNG", "JPEG"):
-                raise BadRequest(f"image {i} is {image.format}, not PNG or JPEG")
-            if image.width * image.height > MAX_PIXELS:  # a small PNG can decode to gigabytes
-                raise BadRequest(f"image {i} is {image.width}x{image.height}, over {MAX_PIXELS} pixels")
-            decoded.append(image.convert("RGB"))
-        except BadRequest:
-            raise
         except (binascii.Error, TypeError, ValueError, OSError, Image.DecompressionBombError) as error:
             raise BadRequest(f"image {i} is not base64 PNG/JPEG: {type(error).__name__}: {error}") from None
+        if image.format not in ("PNG", "JPEG"):
+            raise BadRequest(f"image {i} is {image.format}, not PNG or JPEG")
+        if image.width * image.height > MAX_PIXELS:
+            raise TooLarge(f"image {i} is {image.width}x{image.height}, over {MAX_PIXELS} pixels")
+        total += image.width * image.height
+        if total > max_request_pixels:
+            raise TooLarge(f"the request's images hold over {max_request_pixels} pixels in all; send smaller "
+                           "batches")
+        opened.append(image)
+    decoded = []
+    for i, image in enumerate(opened):
+        try:
+            decoded.append(image.convert("RGB"))
+        except (ValueError, OSError, Image.DecompressionBombError) as error:
+            raise BadRequest(f"image {i} does not decode: {type(error).__name__}: {error}") from None
     return decoded, prompts, metadata
 
 
@@ -87,9 +110,11 @@ class RewardServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], reward: Reward, reward_name: str,
-                 max_bytes: int = DEFAULT_MAX_BYTES):
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT):
         super().__init__(address, RewardHandler)
         self.reward, self.reward_name, self.max_bytes = reward, reward_name, max_bytes
+        self.max_request_pixels, self.request_timeout = max_request_pixels, request_timeout
         self.lock = threading.Lock()
         self.requests = self.samples = 0
 
@@ -97,7 +122,56 @@ class RewardServer(ThreadingHTTPServer):
 class RewardHandler(BaseHTTPRequestHandler):
     server: RewardServer
 
+    def setup(self):
+        super().setup()
+        # A slow client may not hold a thread: the whole request (headers and body) has a deadline. Reads time out
+        # on their own; a client that trickles bytes is cut off by a timer that shuts its socket.
+        self.connection.settimeout(self.server.request_timeout)
+        self.deadline = time.monotonic() + self.server.request_timeout
+        self.received = False
+        self.expiry = threading.Timer(self.server.request_timeout, self._expire)
+        self.expiry.daemon = True
+        self.expiry.start()
+
+    def _expire(self):
+        if not self.received:
+            log.warning("%s: request not received within %s s; closed", self.address_string(),
+                        self.server.request_timeout)
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def finish(self):
+        self.expiry.cancel()
+        super().finish()
+
+    def handle_one_request(self):
+        try:
+            super().handle_one_request()
+        except TimeoutError:  # headers not sent in time
+            self.close_connection = True
+
+    def read_body(self, length: int) -> bytes | None:
+        """The body, or None when the client did not send it before the deadline."""
+        chunks, remaining = [], length
+        while remaining:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.connection.settimeout(left)
+            try:
+                chunk = self.rfile.read1(min(remaining, 1 << 20))
+            except TimeoutError:
+                return None
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
     def do_GET(self):
+        self.received = True
         if self.path != "/health":
             return self._reply(404, {"error": f"unknown path {self.path!r}; use POST /score or GET /health"})
         self._reply(200, {"reward": self.server.reward_name, "requests": self.server.requests,
@@ -115,10 +189,17 @@ class RewardHandler(BaseHTTPRequestHandler):
         if length < 0 or length > self.server.max_bytes:
             return self._reply(413, {"error": f"body of {length} bytes is over the {self.server.max_bytes} limit; "
                                               "send smaller batches"})
+        body = self.read_body(length)
+        self.received = body is not None
+        if body is None:
+            log.warning("%s: request not received within %s s; closed", self.address_string(),
+                        self.server.request_timeout)
+            return self._reply(408, {"error": f"the request was not received within {self.server.request_timeout} "
+                                              "s"})
         try:
-            images, prompts, metadata = decode_request(self.rfile.read(length))
+            images, prompts, metadata = decode_request(body, self.server.max_request_pixels)
         except BadRequest as error:
-            return self._reply(400, {"error": str(error)})
+            return self._reply(error.status, {"error": str(error)})
         try:
             with self.server.lock:
                 scores, errors = score_isolated(self.server.reward, images, prompts, metadata,
@@ -132,11 +213,14 @@ class RewardHandler(BaseHTTPRequestHandler):
     def _reply(self, status: int, payload: dict) -> None:
         body = json.dumps(payload).encode()
         self.close_connection = True  # an unread (refused) body must not be parsed as the next request
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the client is gone (or too slow to read): nothing to answer
+            pass
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         log.info("%s %s", self.address_string(), format % args)
@@ -149,13 +233,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     parser.add_argument("--port", type=int, default=18085, help="0 picks a free port (printed on start)")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body accepted")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_REQUEST_PIXELS,
+                        help="most image pixels in one request, all images together (checked before decoding)")
+    parser.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
+                        help="seconds a client has to send its whole request")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     options = json.loads(args.options)
     if not isinstance(options, dict):
         parser.error("--options must be a JSON object")
     reward = rewards.build(args.reward, **options)
-    server = RewardServer((args.host, args.port), reward, args.reward, args.max_bytes)
+    server = RewardServer((args.host, args.port), reward, args.reward, args.max_bytes, args.max_pixels,
+                          args.request_timeout)
     host, port = server.server_address[:2]
     print(f"serving reward {args.reward!r} on http://{host}:{port}", flush=True)  # tests wait for this line
     try:

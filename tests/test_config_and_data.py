@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import policies
 import rewards
 from grpo_img.config import load_config
 from grpo_img.data import PromptSchedule, load_prompts
@@ -46,7 +47,25 @@ def test_missing_config_file():
     ({"scale_rewards": "yes"}, "scale_rewards must be one of"),
     ({"cfg_mode": "both"}, "cfg_mode must be"),
     ({"policy": "dalle"}, "unknown policy 'dalle'; available: .*janus"),
-    ({"rewards": '[{"name": "clipp"}]'}, "unknown reward entry"),
+    ({"rewards": '[{"name": "clipp"}]'}, "unknown reward 'clipp'"),
+    ({"rewards": '[{"name": "nope.module:Reward"}]'}, "cannot import 'nope.module'"),
+    ({"policy": "rewards.color:ColorReward"}, "not a subclass of policies.base.Policy"),
+    # every field typed strictly and in range, before anything is built
+    ({"max_grad_norm": "0"}, "max_grad_norm: must be > 0"),
+    ({"max_grad_norm": "-1"}, "max_grad_norm: must be > 0"),
+    ({"learning_rate": "0"}, "learning_rate: must be > 0"),
+    ({"learning_rate": "true"}, "learning_rate: input should be a valid number"),
+    ({"plan": "maybe"}, "plan: input should be a valid boolean"),
+    ({"max_steps": "2.5"}, "max_steps: input should be a valid integer"),
+    ({"epsilon": "-0.1"}, "epsilon must be a number > 0"),
+    ({"beta": "-0.01"}, "beta: must be >= 0"),
+    ({"warmup_steps": "-1"}, "warmup_steps: must be >= 0"),
+    ({"save_steps": "-5"}, "save_steps: must be >= 0"),
+    ({"adam_beta2": "1.0"}, "adam_beta2: must be in \\[0, 1\\)"),
+    ({"learning_rate": ".nan"}, "learning_rate: must be a finite number"),
+    ({"rewards": '[{"name": "color", "weight": .nan}]'}, "the weight of 'color' must be a finite number"),
+    ({"delta": "0.5"}, "delta must be a number > 1"),
+    ({"top_entropy_quantile": "1.5"}, "top_entropy_quantile must be in"),
 ])
 def test_invalid_values(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -131,3 +150,59 @@ def test_every_shipped_config_loads_and_real_models_train_on_real_rewards():
 def test_unknown_config_names_list_the_shipped_ones():
     with pytest.raises(FileNotFoundError, match="shipped configs, by name: .*janus_pro_7b"):
         load_config("janus_pro_8b")
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ValueError) as error:
+        load_config(None, {"learning_rate": "-1", "max_grad_norm": "0", "plan": "perhaps"})
+    assert str(error.value).count("\n") == 3 and "learning_rate" in str(error.value) and "plan" in str(error.value)
+
+
+@pytest.mark.parametrize("name,text", [
+    ("prompts.json", '["a red image", {"prompt": "a blue image", "color": "blue"}]'),
+    ("prompts.yaml", "- a red image\n- {prompt: a blue image, color: blue}\n"),
+])
+def test_json_and_yaml_prompt_files_are_lists(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    records = load_prompts(str(path))
+    assert [r.prompt for r in records] == ["a red image", "a blue image"] and records[1].metadata == {"color": "blue"}
+    path.write_text('{"prompt": "not a list"}' if name.endswith("json") else "prompt: not a list\n")
+    with pytest.raises(ValueError, match="expected a list of prompts"):
+        load_prompts(str(path))
+
+
+def test_unknown_prompt_file_formats_are_refused(tmp_path):
+    path = tmp_path / "prompts.csv"
+    path.write_text("prompt\na red image\n")
+    with pytest.raises(ValueError, match="unknown format '.csv'"):
+        load_prompts(str(path))
+
+
+def test_help_lists_every_config_key_with_its_default():
+    from grpo_img.config import FIELDS, config_help
+
+    text = config_help()
+    for name in FIELDS:
+        assert f"--{name} (default " in text, name
+    assert "--beta (default 0.0)" in text and "--loss_type (default \"dapo\"): grpo | dr_grpo" in text
+
+
+def my_scoring_function(images, prompts, metadata):
+    """A custom reward as a plain function (used by the test below, by its import path)."""
+    return [float(len(p)) for p in prompts]
+
+
+def test_custom_rewards_and_policies_by_import_path():
+    import rewards
+    from PIL import Image
+
+    reward = rewards.build("test_config_and_data:my_scoring_function")
+    assert reward([Image.new("RGB", (4, 4))] * 2, ["ab", "abc"], [{}, {}]) == [2.0, 3.0]
+    colour = rewards.build("rewards.color:ColorReward", colors=["red"])  # a Reward class by path, with options
+    assert colour([Image.new("RGB", (4, 4), (255, 0, 0))], ["a red image"], [{}]) == [1.0]
+    with pytest.raises(ValueError, match="takes no options"):
+        rewards.build("test_config_and_data:my_scoring_function", scale=2)
+    config = load_config(None, {"rewards": '[{"name": "test_config_and_data:my_scoring_function"}]',
+                                "policy": "policies.janus:JanusPolicy"})
+    assert policies.policy_class(config.policy).name == "janus"

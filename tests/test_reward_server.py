@@ -122,8 +122,10 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(color_server):
               json.dumps({**good, "images": ["bm90IGFuIGltYWdl"]}).encode(),  # base64 of "not an image"
               json.dumps({**good, "images": ["%%%"]}).encode(),
               json.dumps({**good, "metadata": ["x"]}).encode(),
+              b"[" * 9_000 + b"]" * 9_000,  # nested too deep for the parser
+              b'{"images": [], "prompts": [], "metadata": [], "n": ' + b"9" * 15_000 + b"}"],  # a 15,000-digit number
+        413: [json.dumps({**good, "images": good["images"] * 400}).encode(),
               json.dumps({**good, "images": [huge_png()]}).encode()],
-        413: [json.dumps({**good, "images": good["images"] * 400}).encode()],
     }
     for status, bodies in cases.items():
         for body in bodies:
@@ -136,6 +138,115 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(color_server):
     code, answer = post(color_server, b"", headers={"Content-Length": "999999999"})
     assert code == 413
     assert post(color_server, json.dumps(good).encode()) == (200, {"scores": [5 / 32], "errors": [None]})
+
+
+def test_total_pixels_per_request_are_capped_before_decoding():
+    """Many large images in a small request (PNGs of one colour compress to almost nothing): refused with 413 from
+    their headers, before they are decoded, and the server stays small and serving."""
+    process, port = start_server("--reward", "color", "--max-pixels", str(3 * 1024 * 1024))
+    try:
+        big = encode_image(Image.new("RGB", (1024, 1024), COLORS["red"]))
+        body = json.dumps({"images": [big] * 4, "prompts": ["red"] * 4, "metadata": [{}] * 4}).encode()
+        assert len(body) < 40_000  # 12 megapixels in 28 kB
+        code, answer = post(port, body)
+        assert code == 413 and "pixels in all" in answer["error"]
+        code, answer = post(port, json.dumps({"images": [big] * 3, "prompts": ["red"] * 3,
+                                              "metadata": [{}] * 3}).encode())
+        assert code == 200 and answer["scores"] == [1.0, 1.0, 1.0]
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_slow_clients_are_timed_out_and_do_not_block_others():
+    process, port = start_server("--reward", "color", "--request-timeout", "1")
+    try:
+        slow = []
+        for _ in range(20):  # half-sent requests: headers promise a body that never comes
+            connection = socket.create_connection(("127.0.0.1", port))
+            connection.sendall(b"POST /score HTTP/1.1\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 1000\r\n\r\n{\"images\"")
+            slow.append(connection)
+        trickle = socket.create_connection(("127.0.0.1", port))  # one header byte every 0.2 s, never done
+        start = time.monotonic()
+
+        def send_slowly():
+            try:
+                for byte in b"POST /score HTTP/1.1\r\nContent-Type: application/json\r\n" * 10:
+                    trickle.send(bytes([byte]))
+                    time.sleep(0.2)
+            except OSError:
+                pass
+
+        threading.Thread(target=send_slowly, daemon=True).start()
+        assert health(port)["reward"] == "color"  # served while they hang
+        good = {"images": [encode_image(scene(0))], "prompts": ["red"], "metadata": [{}]}
+        assert post(port, json.dumps(good).encode())[0] == 200
+        for connection in slow:
+            connection.settimeout(5)
+            answer = connection.recv(4096)  # the 408 answer, then the server closes
+            assert answer.startswith(b"HTTP/1.0 408") or answer == b""
+            connection.close()
+        trickle.settimeout(5)
+        try:
+            assert trickle.recv(4096) == b""  # cut off at the deadline although every read was short
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - start < 2.5
+        trickle.close()
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_remote_timeout_is_a_deadline_for_the_whole_call():
+    """A server that trickles its answer one byte at a time keeps every socket read short; the deadline still holds,
+    and all retries together end by total_timeout."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.is_set():
+            try:
+                listener.settimeout(0.2)
+                connection, _ = listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=lambda c=connection: _trickle_answer(c, stop), daemon=True).start()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    try:
+        remote = rewards.build("remote", url=f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=1.0,
+                               retries=0)
+        start = time.monotonic()
+        with pytest.raises(RewardUnavailable, match="deadline"):
+            remote([scene(0)], ["red"], [{}])
+        assert time.monotonic() - start < 1.8
+        remote = rewards.build("remote", url=f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.5,
+                               retries=20, backoff=0.01, total_timeout=1.5)
+        start = time.monotonic()
+        with pytest.raises(RewardUnavailable):
+            remote([scene(0)], ["red"], [{}])
+        assert time.monotonic() - start < 2.3
+    finally:
+        stop.set()
+        listener.close()
+
+
+def _trickle_answer(connection: socket.socket, stop: threading.Event) -> None:
+    try:
+        connection.recv(1 << 16)
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b" " * 100:
+            if stop.is_set():
+                break
+            connection.send(bytes([byte]))
+            time.sleep(0.1)
+    except OSError:
+        pass
+    finally:
+        connection.close()
 
 
 def free_port() -> int:

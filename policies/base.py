@@ -298,7 +298,7 @@ def run_decoder(decoder: nn.Module, inputs: Tensor, mask: Tensor, positions: Ten
     """Final hidden states [B, L, D] of a transformers decoder stack on ids (or embeddings, with `embeds`), with
     the positions given (from the mask), updating `cache` when given."""
     return decoder(**{"inputs_embeds" if embeds else "input_ids": inputs}, attention_mask=mask, position_ids=positions,
-                   past_key_values=cache, use_cache=cache is not None).last_hidden_state
+                   cache=cache, use_cache=cache is not None).last_hidden_state
 
 
 def check_cfg_mode(cfg_mode: str) -> None:

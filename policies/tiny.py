@@ -13,6 +13,7 @@ import hashlib
 from typing import Callable, Iterable
 
 import torch
+from tqdm.auto import tqdm
 from diffusers import AutoencoderDC, AutoencoderKL, EulerDiscreteScheduler, SanaTransformer2DModel, UNet2DConditionModel
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from torch import Tensor, nn
@@ -95,7 +96,7 @@ def fit_decoder_to_palette(
     code_color = palette[torch.arange(num_codes) % len(colors)]  # [num_codes, 3]
     optimizer = torch.optim.Adam(parameters, lr=lr)
     loss = torch.tensor(float("nan"))
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="fitting the toy decoder to the palette", unit="step", leave=False):
         tokens = _training_grids(8, grid * grid, num_codes, len(colors), generator)
         images = decode(tokens)
         side = images.shape[-1]
@@ -288,7 +289,8 @@ def fit_diffusion_decoder_to_palette(policy, colors: list[str], steps: int = 80,
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(parameters, lr=lr)
         loss = torch.tensor(float("nan"))
-        for _ in range(steps):
+        for _ in tqdm(range(steps), desc="fitting the toy diffusion decoder to the palette", unit="step",
+                      leave=False):
             loss = loss_fn()
             optimizer.zero_grad()
             loss.backward()

@@ -21,6 +21,7 @@ resumed evaluation draws the same images as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -80,11 +81,13 @@ class Sampling:
 
 def evaluate(policy, benchmark: Benchmark, out_dir: str | Path | None = None, num_images: int = 4,
              prompts_per_batch: int = 4, sampling: Sampling | None = None, seed: int = 0, progress: bool = True,
-             grid_rows: int = 8) -> dict:
+             grid_rows: int = 8, identity: dict | None = None) -> dict:
     """Sample, score and report. Returns the report (also written to `out_dir`, when given).
 
-    With `out_dir`, results already in `out_dir/results.jsonl` are kept and their prompts are not sampled again;
-    the file must come from the same benchmark (same prompt at the same index), or this raises.
+    With `out_dir`, results already in `out_dir/results.jsonl` are kept and their prompts are not sampled again,
+    but only when they come from the same evaluation: `out_dir/run.json` records the policy (with `identity`, e.g.
+    its options and the adapter's content hash), the benchmark and its prompts, the sampling settings, the images
+    per prompt and the seed; a different one is refused, naming what differs.
     """
     sampling = sampling or Sampling()
     settings = policy.sampling_settings(**asdict(sampling))  # the family's defaults where nothing was given
@@ -93,6 +96,11 @@ def evaluate(policy, benchmark: Benchmark, out_dir: str | Path | None = None, nu
     out = Path(out_dir) if out_dir is not None else None
     done: dict[int, dict] = {}
     if out is not None:
+        run = {"policy": policy.name, **(identity or {}), "benchmark": benchmark.name,
+               "prompts_sha256": hashlib.sha256(json.dumps([[r.prompt, r.metadata] for r in records],
+                                                           sort_keys=True, default=str).encode()).hexdigest(),
+               "sampling": asdict(settings), "num_images": num_images, "seed": seed}
+        check_same_evaluation(out, run)
         (out / "images").mkdir(parents=True, exist_ok=True)
         done = _read_results(out / "results.jsonl", records)
         if done:
@@ -143,6 +151,37 @@ def evaluate(policy, benchmark: Benchmark, out_dir: str | Path | None = None, nu
         (out / "report.md").write_text(markdown_report(report))
         write_task_grids(out, [done[i] for i in sorted(done)], benchmark.headline, num_images, grid_rows)
     return report
+
+
+def check_same_evaluation(out: Path, run: dict) -> None:
+    """Results in `out` may be resumed only by the evaluation that wrote them (its run.json); a first run writes
+    run.json. A folder with results but no run.json (an older evaluation) cannot be vouched for: refused."""
+    path = out / "run.json"
+    run = json.loads(json.dumps(run, default=str))  # as it reads back
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        differ = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
+        if differ:
+            lines = "; ".join(f"{k}: {saved.get(k)!r} -> {run.get(k)!r}" for k in differ)
+            raise ValueError(f"{out} holds the results of another evaluation ({lines}); resuming would report its "
+                             "scores as this one's. Use another --out, or delete the folder")
+        return
+    if (out / "results.jsonl").is_file():
+        raise ValueError(f"{out} holds results without a run.json saying which evaluation wrote them; use another "
+                         "--out, or delete the folder")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(run, indent=2))
+
+
+def adapter_digest(adapter: str | None) -> str | None:
+    """sha256 over a LoRA adapter folder's files (names and contents): which adapter an evaluation scored."""
+    if adapter is None:
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(adapter).rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(adapter)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def _read_results(path: Path, records: list[PromptRecord]) -> dict[int, dict]:
@@ -415,9 +454,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     benchmark = build_benchmark(args.benchmark, args.prompts, reward_options, args.limit)
     policy = load_policy(args.policy, policy_options, args.adapter, device)
+    identity = {"policy_options": policy_options, "adapter_sha256": adapter_digest(args.adapter)}
     report = evaluate(policy, benchmark, args.out, num_images=args.num_images, prompts_per_batch=args.batch_prompts,
                       sampling=Sampling(args.cfg_scale, args.temperature, args.top_k, args.top_p, args.min_p),
-                      seed=args.seed)
+                      seed=args.seed, identity=identity)
     print(markdown_report(report))
     return report
 

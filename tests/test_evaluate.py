@@ -64,8 +64,10 @@ def test_reward_benchmark_reports_task_scores_grids_and_resumes(policy, prompt_f
     # results of another prompt set are refused, not mixed in
     other = build_benchmark("reward:color", str(prompt_file), {}, None)
     other.records = list(reversed(other.records))
-    with pytest.raises(ValueError, match="does not belong to this prompt set"):
+    with pytest.raises(ValueError, match="holds the results of another evaluation .prompts_sha256"):
         evaluate(policy, other, tmp_path / "full", num_images=2)
+    with pytest.raises(ValueError, match="another evaluation .num_images: 2 -> 4"):
+        evaluate(policy, benchmark, tmp_path / "full", num_images=4)
 
 
 def test_cli_evaluates_with_and_without_an_adapter(policy, prompt_file, tmp_path, capsys):
@@ -88,6 +90,11 @@ def test_cli_evaluates_with_and_without_an_adapter(policy, prompt_file, tmp_path
     assert base["task_prompts"] == {"red": 1, "blue": 1}
     assert (tmp_path / "base" / "images" / "00000_0.png").read_bytes() != \
         (tmp_path / "tuned" / "images" / "00000_0.png").read_bytes()
+    # the same --out with another adapter would report the old score: refused, naming the difference
+    with pytest.raises(ValueError, match="another evaluation .adapter_sha256: None -> '[0-9a-f]{64}'"):
+        main(common + ["--out", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")])
+    again = main(common + ["--out", str(tmp_path / "tuned"), "--adapter", str(tmp_path / "adapter")])
+    assert again["image_means"] == tuned["image_means"]  # the same evaluation resumes (nothing left to do)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         main(common + ["--out", str(tmp_path / "x"), "--adapter", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown benchmark"):

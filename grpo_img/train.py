@@ -12,7 +12,7 @@ import logging
 import sys
 
 from grpo_img.config import config_help, load_config
-from grpo_img.trainer import train
+from grpo_img.trainer import SetupError, train
 
 
 def parse_args(argv: list[str] | None = None):
@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"config error: {error}")
-    train(config, resume=args.resume)
+    try:
+        train(config, resume=args.resume)
+    except SetupError as error:  # found before any model was built
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,11 @@ from rewards.base import Reward, score_with_isolation
 log = logging.getLogger("grpo_img")
 
 
+class SetupError(ValueError):
+    """Bad input found before any model was built (prompts, output folder, resume): the command line prints it as
+    one line."""
+
+
 @dataclass
 class RunState:
     """Counters that must survive a resume."""
@@ -465,16 +470,19 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     # Everything that can be wrong with the input is found before a model is built: the prompts, the sampling
     # settings (left unset: the family's release ones; from here on the config holds them explicitly), the output
     # folder, and on resume the checkpoint and how this config differs from its.
-    records = load_prompts(config.prompts, config.prompt_column)
-    if config.eval_prompts is not None:
-        load_prompts(config.eval_prompts, config.prompt_column)
-    config = config.with_sampling(policies.policy_class(config.policy).default_sampling.override(
-        config.cfg_scale, config.temperature, config.top_k, config.top_p, config.min_p))
-    checkpoint = find_checkpoint(output_dir, resume) if resume else None
-    if checkpoint is not None:
-        apply_resume_changes(config, checkpoint, output_dir, accelerator)
-    elif accelerator.is_main_process:
-        prepare_fresh_output_dir(output_dir, config.overwrite_output_dir)
+    try:
+        records = load_prompts(config.prompts, config.prompt_column)
+        if config.eval_prompts is not None:
+            load_prompts(config.eval_prompts, config.prompt_column)
+        config = config.with_sampling(policies.policy_class(config.policy).default_sampling.override(
+            config.cfg_scale, config.temperature, config.top_k, config.top_p, config.min_p))
+        checkpoint = find_checkpoint(output_dir, resume) if resume else None
+        if checkpoint is not None:
+            apply_resume_changes(config, checkpoint, output_dir, accelerator)
+        elif accelerator.is_main_process:
+            prepare_fresh_output_dir(output_dir, config.overwrite_output_dir)
+    except (ValueError, FileNotFoundError) as error:
+        raise SetupError(str(error)) from error
     accelerator.wait_for_everyone()
     log.info("sampling: cfg_scale %s, temperature %s, top_k %s, top_p %s, min_p %s", config.cfg_scale,
              config.temperature, config.top_k, config.top_p, config.min_p)

@@ -206,3 +206,21 @@ def test_custom_rewards_and_policies_by_import_path():
     config = load_config(None, {"rewards": '[{"name": "test_config_and_data:my_scoring_function"}]',
                                 "policy": "policies.janus:JanusPolicy"})
     assert policies.policy_class(config.policy).name == "janus"
+
+
+def test_the_command_line_reports_bad_input_in_one_line_before_building(tmp_path, capsys):
+    """Config, prompt-file and output-folder problems end the command with one message, not a traceback."""
+    from grpo_img.train import main
+
+    for argv, message in (
+        (["--learning_rate", "true"], "config error: invalid config:\n  learning_rate: input should be a valid number"),
+        (["--prompts", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "a")],
+         "error: prompt file not found"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert str(exit_.value).startswith(message), exit_.value
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit, match="error: output_dir .* is not empty"):
+        main(["--output_dir", str(tmp_path / "used"), "--policy_options", '{"tiny": true}'])

@@ -17,6 +17,7 @@ REGISTRY: dict[str, str] = {
     "geneval": "rewards.geneval:GenEvalReward",
     "ocr": "rewards.ocr:OCRReward",
     "remote": "rewards.remote:RemoteReward",
+    "vlm_judge": "rewards.vlm_judge:VLMJudgeReward",
 }
 
 

@@ -243,14 +243,8 @@ class GRPOImgConfig:
                                     self.min_p)  # validates the ranges
 
     def loss_settings(self) -> LossSettings:
-        return LossSettings(
-            loss_type=self.loss_type, epsilon=self.epsilon, epsilon_high=self.epsilon_high, delta=self.delta,
-            beta=self.beta, importance_sampling_level=self.importance_sampling_level,
-            use_bias_correction_kl=self.use_bias_correction_kl, sapo_temperature_pos=self.sapo_temperature_pos,
-            sapo_temperature_neg=self.sapo_temperature_neg, vespo_k_pos=self.vespo_k_pos,
-            vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
-            vespo_lambda_neg=self.vespo_lambda_neg, off_policy_mask_threshold=self.off_policy_mask_threshold,
-            entropy_coef=self.entropy_coef)
+        """The loss fields (the same names in both) as `grpo_img.loss.LossSettings`, which checks their ranges."""
+        return LossSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossSettings)})
 
     def plan_settings(self):
         """The think-then-draw settings, or None when it is off."""

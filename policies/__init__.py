@@ -24,8 +24,7 @@ def available() -> list[str]:
 def policy_class(name: str) -> type[Policy]:
     """A registered family by name, or your own `Policy` subclass given as "package.module:ClassName"."""
     if name in REGISTRY:
-        module_name, class_name = REGISTRY[name].split(":")
-        return getattr(importlib.import_module(module_name), class_name)
+        return import_object(REGISTRY[name], "policy")
     if ":" not in name:
         raise ValueError(f"unknown policy {name!r}; available: {', '.join(available())}, or a Policy subclass "
                          "as 'module:ClassName'")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 
 from rewards.base import Reward, WeightedSum
@@ -29,14 +28,13 @@ def reward_factory(name: str):
     """A registered reward's class, or your own given as "package.module:Name": a `Reward` subclass or a function
     that returns one (called with the entry's options), or a plain scoring function
     `f(images, prompts, metadata) -> list[float]` (no options)."""
+    from policies import import_object
+
     if name in REGISTRY:
-        module_name, class_name = REGISTRY[name].split(":")
-        return getattr(importlib.import_module(module_name), class_name)
+        return import_object(REGISTRY[name], "reward")
     if ":" not in name:
         raise ValueError(f"unknown reward {name!r}; available: {', '.join(available())}, or your own as "
                          "'module:Name'")
-    from policies import import_object
-
     target = import_object(name, "reward")
     if not callable(target):
         raise ValueError(f"reward {name!r} is not callable")

@@ -127,3 +127,9 @@ def test_bad_loss_settings_are_clear_errors():
                              (dict(sapo_temperature_neg=0.0), "sapo_temperature_neg")):
         with pytest.raises(ValueError, match=message):
             LossSettings(**options)
+
+
+def test_config_and_loss_defaults_agree():
+    from grpo_img.config import GRPOImgConfig
+
+    assert GRPOImgConfig(prompts=["x"]).loss_settings() == LossSettings()

@@ -37,6 +37,12 @@ JANUS_SIZES: dict[str, dict] = {
         text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, num_attention_heads=32,
                   num_key_value_heads=32, vocab_size=102400, max_position_embeddings=16384),
         image_tokens=576, codebook=16384, gen_embed=4096, real_vision=True),
+    # Not a release: the realistic CPU shape of the rollout issue (hidden 1024, 8 layers, ~122M parameters, the
+    # real codebook and 576 tokens per image).
+    "mid": dict(
+        text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=16),
+        image_tokens=576, codebook=16384, gen_embed=1024, real_vision=False),
     # Not a release: the CPU comparison size (a few layers, hidden 256, the real codebook and token count).
     "cpu-bench": dict(
         text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,

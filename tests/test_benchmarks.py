@@ -95,6 +95,15 @@ def test_grpo_step_benchmark_runs_and_prints_its_split(monkeypatch, capsys):
     assert re.fullmatch(r"step_seconds=\d+\.\d\d", lines[-1])
 
 
+def test_step_profile_runs_and_prints_the_growth(monkeypatch, capsys):
+    lines = _run_script("step_profile.py", ["--size", "cpu-bench", "--batch", "2", "--group", "2"], monkeypatch,
+                        capsys)
+    table = "\n".join(lines)
+    for method in ("policy.sample", "policy.sample static", "generate"):
+        assert re.search(rf"^{method} +(\d+\.\d +){{4}}\d+\.\d\d +\d+\.\d$", table, re.M), method
+    assert re.fullmatch(r"end_over_start=\d+\.\d\d", lines[-1])
+
+
 def test_real_sizes_that_do_not_fit_are_refused_with_a_clear_message():
     sys.path.insert(0, str(ROOT))
     try:

@@ -71,6 +71,7 @@ def shard_for_training(policy: Policy, sharding: FSDPSettings | None, accelerato
     if sharding is None:
         return
     count = shard_policy(policy, sharding, accelerator.device)
+    policy.lockstep = True  # a sharded forward is a collective: loops that may stop early stop together
     log.info("FSDP: %d decoder layers sharded over %d processes (reshard_after_forward=%s)", count,
              accelerator.num_processes, sharding.reshard_after_forward)
 

@@ -406,6 +406,9 @@ class Policy(ABC):
     #: Decode on a preallocated StaticCache, and (CUDA only) through a CUDA-graph compiled step (`set_decoding`).
     static_cache: bool = False
     compile_decode: bool = False
+    #: Every process must run the same forwards (FSDP-sharded layers: a forward is a collective), so a loop that
+    #: may stop early (the plan sampler) stops only when every process is done (set by the trainer's sharding).
+    lockstep: bool = False
 
     model: nn.Module
     peft_model: nn.Module | None = None

@@ -149,7 +149,7 @@ class Planner:
                 kept[:, t] = torch.where(done, 0, kept_counts(processed))
             written = ~done
             done = done | torch.isin(token, stop_ids)
-            if bool(done.all()) or t + 1 == width:
+            if t + 1 == width or all_done(done, policy.lockstep):
                 break
             # finished rows keep stepping with a masked pad, so that every row's cache has the same length
             logits = decoder.step(span[:, t : t + 1], written)
@@ -191,3 +191,13 @@ class Planner:
         logprobs = selective_log_softmax(processed, span).masked_fill(~written, 0.0)
         entropy = entropy_of_logits(processed if entropy_grad else processed.detach())
         return logprobs, entropy.masked_fill(~written, 0.0)
+
+
+def all_done(done: Tensor, lockstep: bool) -> bool:
+    """Every row has stopped; with `lockstep`, on every process (one all-reduce), so that no process runs a forward
+    the others do not."""
+    if not lockstep or not torch.distributed.is_initialized():
+        return bool(done.all())
+    flag = done.all().to(torch.int32).reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())

@@ -143,6 +143,8 @@ def trained_parameters(output_dir: str, resume: str | None = None,
         trainer.setup_policy = setup
     after = caught["policy"].model.named_parameters()
     sharded = {n for n, p in caught["policy"].model.named_parameters() if is_sharded(p)}
+    if sharded:  # a sharded forward is a collective: the policy's early-stopping loops must stop together
+        assert caught["policy"].lockstep
     return caught["before"], {n: full_tensor(p.detach()).clone() for n, p in after}, sharded
 
 

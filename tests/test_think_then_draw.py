@@ -121,3 +121,27 @@ def test_plan_settings_and_families_are_checked(planner):
     with pytest.raises(ValueError, match="not a token"):
         planner.set_plan(PlanSettings(end_marker="<no_such_token>"))
     planner.set_plan(PLAN)
+
+
+def _all_done_on_two_processes(rank: int, init: str, results) -> None:
+    import torch.distributed as dist
+
+    from policies.plan import all_done
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        mine = torch.tensor([True, True]) if rank == 0 else torch.tensor([True, False])
+        results[rank] = (all_done(mine, lockstep=True), all_done(mine, lockstep=False))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_plan_sampling_stops_together_in_lockstep(tmp_path):
+    """Under FSDP every forward is a collective: a process whose plans are all done must keep stepping while another
+    process's are not (it would otherwise leave that one waiting in its next forward forever)."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_all_done_on_two_processes, args=(f"file://{tmp_path / 'rendezvous'}", results), nprocs=2)
+    assert results[0] == (False, True)  # done here, not everywhere: keep stepping in lockstep
+    assert results[1] == (False, False)

@@ -30,8 +30,10 @@ RESUMABLE_CHANGES = {"max_steps", "logging_steps", "image_log_steps", "save_step
 
 
 def save_checkpoint(output_dir: str | Path, step: int, peft_model, optimizer, scheduler, extra: dict,
-                    keep: int, adapter_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
-    """`adapter_state` / `optimizer_state`: gathered full states of a sharded run (None: taken from the objects)."""
+                    keep: int, adapter_state: dict | None = None, optimizer_state: dict | None = None,
+                    config: dict | None = None) -> Path:
+    """`adapter_state` / `optimizer_state`: gathered full states of a sharded run (None: taken from the objects);
+    `config`: the run's config, kept as the checkpoint's config.json (read on resume without loading the rest)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
@@ -50,6 +52,8 @@ def save_checkpoint(output_dir: str | Path, step: int, peft_model, optimizer, sc
         },
         tmp / "trainer_state.pt",
     )
+    if config is not None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
     write_manifest(tmp)  # last: a checkpoint whose files do not match it is not used
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -59,7 +63,7 @@ def save_checkpoint(output_dir: str | Path, step: int, peft_model, optimizer, sc
     return final
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -69,7 +73,7 @@ def _file_digest(path: Path) -> str:
 
 def write_manifest(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _file_digest(p)} for p in files}
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_digest(p)} for p in files}
     (folder / MANIFEST).write_text(json.dumps(entries, indent=1))
 
 
@@ -88,7 +92,7 @@ def checkpoint_problem(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != entry["bytes"]:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
-        if _file_digest(path) != entry["sha256"]:
+        if file_digest(path) != entry["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return None
 
@@ -120,8 +124,10 @@ def find_checkpoint(output_dir: str | Path, resume: str | bool) -> Path:
 
 
 def saved_config(checkpoint: Path) -> dict | None:
-    """The config a checkpoint was written under (None: a checkpoint from before configs were kept in it)."""
-    return torch.load(checkpoint / "trainer_state.pt", weights_only=False).get("config")
+    """The config a checkpoint was written under, as JSON reads it (None: a checkpoint from before configs were
+    kept in it)."""
+    path = checkpoint / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def resume_changes(saved: dict, config: dict, checkpoint_step: int) -> dict:

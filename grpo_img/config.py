@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.resources
 import json
 import logging
@@ -298,28 +299,25 @@ def config_help() -> str:
 
 def _type_problems(config: GRPOImgConfig) -> list[str]:
     """Each field against its annotation, strictly (pydantic): a bool is not a number, a string not a bool."""
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import ValidationError
 
     hints = typing.get_type_hints(GRPOImgConfig)
     problems = []
     for name, hint in hints.items():
         value = getattr(config, name)
         try:
-            setattr(config, name, _adapter(TypeAdapter, hint).validate_python(value, strict=True))
+            setattr(config, name, _type_adapter(hint).validate_python(value, strict=True))
         except ValidationError as error:
             expected = getattr(hint, "__name__", str(hint)).replace("NoneType", "null")
             problems.append(f"{name}: {error.errors()[0]['msg'].lower()} ({expected}), got {value!r}")
     return problems
 
 
-_ADAPTERS: dict = {}
+@functools.cache
+def _type_adapter(hint):
+    from pydantic import TypeAdapter
 
-
-def _adapter(type_adapter, hint):
-    key = str(hint)
-    if key not in _ADAPTERS:
-        _ADAPTERS[key] = type_adapter(hint)
-    return _ADAPTERS[key]
+    return TypeAdapter(hint)
 
 
 def _range_problems(config: GRPOImgConfig) -> list[str]:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 import policies
 import rewards
+from grpo_img.checkpoint import file_digest
 from grpo_img.data import PromptRecord, load_prompts
 from grpo_img.reporting import image_grid
 from rewards.base import score_with_isolation
@@ -179,8 +180,7 @@ def adapter_digest(adapter: str | None) -> str | None:
         return None
     digest = hashlib.sha256()
     for file in sorted(p for p in Path(adapter).rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(adapter)).encode())
-        digest.update(file.read_bytes())
+        digest.update(f"{file.relative_to(adapter)}:{file_digest(file)}".encode())
     return digest.hexdigest()
 
 

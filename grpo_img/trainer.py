@@ -151,7 +151,8 @@ def grpo_step(
                                           ref_logprobs, config, accelerator, sums, settings)
             if sums["window_tokens"] == 0:  # nothing scored on any process: no update (Adam's momentum would
                 optimizer.zero_grad(set_to_none=True)  # still move the adapter), no scheduler step
-                sums.pop("window_entropy_sum", None), sums.pop("window_trained", None)
+                sums.pop("window_entropy_sum", None)
+                sums.pop("window_trained", None)
                 empty_updates += 1
                 continue
             if config.use_adaptive_entropy:
@@ -359,10 +360,10 @@ def window_backward(policy: Policy, rollout: Rollout, rows: list[torch.Tensor], 
         if config.top_entropy_quantile < 1.0:  # the quantile over this micro-batch of every process, as TRL
             token_mask = high_entropy_mask(entropy, mask, config.top_entropy_quantile,
                                            lambda x: gather_ragged(x, accelerator))
+        trained = mask if token_mask is None else mask & token_mask
         entropy_tokens = None
         if settings.entropy_coef != 0.0:  # the bonus's normaliser counts this micro-batch over all processes
-            trained_here = (mask if token_mask is None else mask & token_mask).sum().float()
-            entropy_tokens = accelerator.reduce(trained_here, "sum").item() / accelerator.num_processes
+            entropy_tokens = accelerator.reduce(trained.sum().float(), "sum").item() / accelerator.num_processes
         loss, stats = grpo_loss(
             logprobs, old_logprobs[index] if old_logprobs is not None else logprobs.detach(), advantages[index],
             mask, settings=settings, norm=norm, ref_logprobs=ref_logprobs[index] if ref_logprobs is not None else None,
@@ -372,10 +373,12 @@ def window_backward(policy: Policy, rollout: Rollout, rows: list[torch.Tensor], 
         for key in ("kl_sum", "clipped_sum", "tokens"):
             sums[key] += stats[key].item()
         sums["entropy_sum"] += (entropy.detach() * mask).sum().item()
-        trained = mask if token_mask is None else mask & token_mask
-        sums["trained_tokens"] = sums.get("trained_tokens", 0.0) + stats["trained_tokens"].item()
-        sums["window_entropy_sum"] = sums.get("window_entropy_sum", 0.0) + (entropy.detach() * trained).sum().item()
-        sums["window_trained"] = sums.get("window_trained", 0.0) + trained.sum().item()
+        trained_tokens = stats["trained_tokens"].item()
+        sums["trained_tokens"] = sums.get("trained_tokens", 0.0) + trained_tokens
+        if config.use_adaptive_entropy:  # the controller's window statistics (adapt_entropy_coef)
+            sums["window_entropy_sum"] = sums.get("window_entropy_sum", 0.0) + \
+                (entropy.detach() * trained).sum().item()
+            sums["window_trained"] = sums.get("window_trained", 0.0) + trained_tokens
         if old_logprobs is None:  # one update per rollout: this is its first (and only) scoring
             sums["gap_sum"] += ((logprobs.detach() - part.logprobs).abs() * mask).sum().item()
             sums["gap_tokens"] += mask.sum().item()
@@ -420,7 +423,8 @@ def apply_resume_changes(config: GRPOImgConfig, checkpoint: Path, output_dir: Pa
     if saved is None and (output_dir / "config.json").is_file():  # a checkpoint from before configs were kept in it
         saved = json.loads((output_dir / "config.json").read_text())
     step = int(checkpoint.name.split("-")[1])
-    changes = resume_changes(saved or {}, config.to_dict(), step)
+    # compared as JSON reads both (the checkpoint keeps its config as JSON)
+    changes = resume_changes(saved or {}, json.loads(json.dumps(config.to_dict(), default=str)), step)
     for key, (old, new) in changes.items():
         log.info("resume from %s: %s %r -> %r", checkpoint, key, old, new)
     if accelerator.is_main_process:
@@ -491,7 +495,7 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
                               accelerator.num_processes)
     reward_fn = rewards.build_composite(config.rewards)
     policy = setup_policy(config, accelerator.device)
-    policy.sampling_settings(config.cfg_scale, config.temperature, config.top_k, config.top_p, config.min_p)
+    policy.sampling_settings(config.cfg_scale)  # warns once if the family has no token-level guidance
     if accelerator.is_main_process:
         save_config(config, output_dir / "config.json")
     adapter_params, head_params = policy.trainable_parameters()
@@ -543,8 +547,8 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
             adapter_state, optimizer_state = gather_for_saving(policy, optimizer, sharding)
             if accelerator.is_main_process:
                 save_checkpoint(output_dir, done, policy.peft_model, optimizer, scheduler,
-                                {"run_state": vars(state).copy(), "config": config.to_dict()},
-                                config.save_total_limit, adapter_state, optimizer_state)
+                                {"run_state": vars(state).copy()}, config.save_total_limit, adapter_state,
+                                optimizer_state, config.to_dict())
         progress.update(1)
         progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}")
     progress.close()
@@ -553,8 +557,8 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     adapter_state, optimizer_state = gather_for_saving(policy, optimizer, sharding)
     if accelerator.is_main_process:
         save_checkpoint(output_dir, config.max_steps, policy.peft_model, optimizer, scheduler,
-                        {"run_state": vars(state).copy(), "config": config.to_dict()}, config.save_total_limit,
-                        adapter_state, optimizer_state)
+                        {"run_state": vars(state).copy()}, config.save_total_limit, adapter_state, optimizer_state,
+                        config.to_dict())
         policy.peft_model.save_pretrained(output_dir / "adapter", state_dict=adapter_state)
         metrics_log.close()
         plot_reward_curve(read_metrics(output_dir), output_dir / "reward_curve.png")

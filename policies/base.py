@@ -143,7 +143,11 @@ def concat_rollouts(rollouts: list[Rollout]) -> Rollout:
     def left_pad(t: Tensor) -> Tensor:
         return nn.functional.pad(t, (width - t.shape[1], 0), value=0)
 
-    offsets = torch.cumsum(torch.tensor([0] + [int(r.group_index.max()) + 1 for r in rollouts[:-1]]), 0)
+    groups, first_group = [], 0
+    for r in rollouts:  # each rollout's contiguous groups, numbered on from the previous rollout's
+        local = torch.unique_consecutive(r.group_index, return_inverse=True)[1]
+        groups.append(local + first_group)
+        first_group += int(local.max()) + 1
     cat = lambda name: torch.cat([getattr(r, name) for r in rollouts])  # noqa: E731
     extras = {}
     for key, value in first.extras.items():
@@ -151,7 +155,7 @@ def concat_rollouts(rollouts: list[Rollout]) -> Rollout:
         extras[key] = torch.cat(values) if isinstance(value, Tensor) else [v for part in values for v in part]
     return replace(
         first, prompts=[p for r in rollouts for p in r.prompts],
-        group_index=torch.cat([r.group_index + int(o) for r, o in zip(rollouts, offsets)]),
+        group_index=torch.cat(groups),
         prompt_ids=torch.cat([left_pad(r.prompt_ids) for r in rollouts]),
         prompt_mask=torch.cat([left_pad(r.prompt_mask) for r in rollouts]),
         completion_ids=cat("completion_ids"), action_mask=cat("action_mask"), logprobs=cat("logprobs"),

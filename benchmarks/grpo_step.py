@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
             "per_device_train_batch_size": str(micro), "gradient_accumulation_steps": str(n // micro),
             "beta": str(args.beta), "lora_r": str(args.lora_r), "cfg_scale": str(args.cfg),
             "gradient_checkpointing": str(args.gradient_checkpointing).lower(), "output_dir": tmp,
-            "report_to_tensorboard": "false"})
+            "report_to": "none"})
     accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu")
 
     # The trainer's own builders, with the model built by size where asked.

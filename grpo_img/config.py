@@ -26,6 +26,7 @@ import yaml
 import policies
 import rewards
 from grpo_img.loss import MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS, LossSettings
+from grpo_img.tracking import report_to_names
 from policies.base import SamplingSettings
 from policies.plan import PlanSettings
 
@@ -147,10 +148,12 @@ class GRPOImgConfig:
     output_dir: str = "runs/demo"
     overwrite_output_dir: bool = False  # a fresh run in a non-empty output_dir clears it (else it is refused)
     logging_steps: int = 1
-    image_log_steps: int = 10  # image grid every N steps (0: never)
+    image_log_steps: int = 10  # sample images (one per prompt group) every N steps and at step 1 (0: never)
     save_steps: int = 50  # checkpoint every N steps (0: only at the end)
     save_total_limit: int = 2
-    report_to_tensorboard: bool = True
+    # trackers (grpo_img/tracking.py), TRL's names: tensorboard, wandb, trackio, mlflow, comet_ml, aim, all, none
+    report_to: typing.Any = "tensorboard"
+    tracker_project_name: str = "grpo-img"  # the W&B / trackio / MLflow project (TensorBoard: tensorboard/NAME)
     max_nonfinite_steps: int = 3  # stop after this many non-finite losses in a row
     max_reward_failure_steps: int = 3  # stop after this many steps in a row where no sample could be scored
 
@@ -226,6 +229,7 @@ class GRPOImgConfig:
                     raise ValueError(f"{key} entry {entry!r} needs a 'name' among {', '.join(rewards.available())}, "
                                      "or your own reward as 'module:Name'")
                 rewards.reward_factory(entry["name"])
+        report_to_names(self.report_to)  # known names (installed ones: checked when the run starts)
         if self.eval_steps < 0:
             raise ValueError(f"eval_steps must be >= 0, got {self.eval_steps}")
         if self.eval_steps and self.eval_prompts is None:
@@ -362,8 +366,14 @@ def _coerce_numbers(config: GRPOImgConfig) -> None:
             raise ValueError(f"config key {f.name!r} must be a number, got {value!r}") from None
 
 
+# keys of earlier versions, and what replaced them
+RENAMED = {"report_to_tensorboard": "report_to (tensorboard, wandb, trackio, mlflow, comet_ml, aim, all or none)"}
+
+
 def _check_keys(keys, where: str) -> None:
     for key in keys:
+        if key in RENAMED:
+            raise ValueError(f"config key {key!r} in {where} is now {RENAMED[key]}")
         if key not in FIELDS:
             close = difflib.get_close_matches(key, FIELDS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

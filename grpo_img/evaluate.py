@@ -142,6 +142,7 @@ def evaluate(policy, benchmark: Benchmark, out_dir: str | Path | None = None, nu
             with (out / "results.jsonl").open("a") as f:
                 f.write("".join(lines))
         bar.update(len(pending))
+        bar.set_postfix({benchmark.headline: f"{running_mean(done.values(), benchmark.headline):.3f}"})
     bar.close()
     policy.model.train(was_training)
 
@@ -152,6 +153,13 @@ def evaluate(policy, benchmark: Benchmark, out_dir: str | Path | None = None, nu
         (out / "report.md").write_text(markdown_report(report))
         write_task_grids(out, [done[i] for i in sorted(done)], benchmark.headline, num_images, grid_rows)
     return report
+
+
+def running_mean(results, metric: str) -> float:
+    """The mean of `metric` over the images scored so far (the progress bar's running score)."""
+    values = [m[metric] for r in results for m in r["metrics"]
+              if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
+    return sum(values) / len(values) if values else math.nan
 
 
 def check_same_evaluation(out: Path, run: dict) -> None:

@@ -1,44 +1,38 @@
-"""What a run leaves behind for people: metrics.jsonl, TensorBoard scalars, image grids and a reward curve."""
+"""What a run leaves behind for people: metrics.jsonl, the sample images of each prompt group (images/ and
+samples.jsonl) and a reward curve. The trackers (grpo_img/tracking.py) get the same numbers and images, and
+`python -m grpo_img.report` turns the folder into a page."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from grpo_img.tracking import image_tag
+
 log = logging.getLogger(__name__)
+STEP_LOGS = ("metrics.jsonl", "samples.jsonl")
 
 
 class MetricsLog:
-    """One JSON object per step in `metrics.jsonl`, mirrored to TensorBoard (flat numbers only).
+    """One JSON object per step in `metrics.jsonl` (the trackers get the same numbers, grpo_img/tracking.py).
 
-    On resume the file is cut back to the checkpoint's step, so a resumed run's log reads like an uninterrupted one.
+    On resume the step logs are cut back to the checkpoint's step, so a resumed run's log reads like an
+    uninterrupted one.
     """
 
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, output_dir: str | Path, resume_step: int | None = None):
         self.path = Path(output_dir) / "metrics.jsonl"
-        for name in ("metrics.jsonl", "plans.jsonl"):
+        for name in STEP_LOGS:
             restart_step_log(Path(output_dir) / name, resume_step)
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=(resume_step or 0) + 1)
 
     def log(self, metrics: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    self.writer.add_scalar(key, value, metrics["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def read_step_log(path: Path) -> list[tuple[str, dict]]:
@@ -73,6 +67,51 @@ def image_grid(images: list[Image.Image], captions: list[str], columns: int, cel
         grid.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
         draw.text((x + 2, y + cell + 1), caption[: cell // 6], fill="black")
     return grid
+
+
+def group_strip(images: list[Image.Image], rewards: list[float], plans: list[str] | None = None,
+                cell: int = 128) -> Image.Image:
+    """One prompt group's samples side by side, each with its reward under it (and its plan, wrapped, with
+    think-then-draw)."""
+    line_height, chars = 12, cell // 6
+    plan_lines = [textwrap.wrap(plan, chars)[:4] if plan else [] for plan in (plans or [""] * len(images))]
+    caption_height = line_height * (1 + max((len(lines) for lines in plan_lines), default=0)) + 2
+    strip = Image.new("RGB", (len(images) * cell, cell + caption_height), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, (image, reward, lines) in enumerate(zip(images, rewards, plan_lines)):
+        x = i * cell
+        strip.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (x, 0))
+        text = "unscored" if math.isnan(reward) else f"r {reward:.3f}"
+        for k, line in enumerate([text, *lines]):
+            draw.text((x + 2, cell + 1 + k * line_height), line, fill="black" if k == 0 else "dimgray")
+    return strip
+
+
+def save_samples(output_dir: Path, step: int, images: list[Image.Image], prompts: list[str], rewards: list[float],
+                 plans: list[str] | None, group_size: int) -> dict[str, tuple[Image.Image, str]]:
+    """Each prompt group's strip as images/step_N/group_K.png, indexed in samples.jsonl (step, prompt, rewards,
+    plans, image); returns {tag: (strip, caption)} for the trackers."""
+    folder = output_dir / "images" / f"step_{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    logged, lines = {}, []
+    for k, start in enumerate(range(0, len(images), group_size)):
+        rows = range(start, start + group_size)
+        group_plans = [plans[i] for i in rows] if plans is not None else None
+        group_rewards = [rewards[i] for i in rows]
+        strip = group_strip([images[i] for i in rows], group_rewards, group_plans)
+        name = f"images/step_{step:06d}/group_{k:02d}.png"
+        strip.save(output_dir / name)
+        shown = ", ".join("nan" if math.isnan(r) else f"{r:.3f}" for r in group_rewards)
+        caption = f"{prompts[start]} | rewards {shown}"
+        if group_plans is not None:
+            caption += " | plans: " + " / ".join(group_plans)
+        logged[image_tag("samples", prompts[start])] = (strip, caption)
+        lines.append(json.dumps({"step": step, "group": k, "prompt": prompts[start],
+                                 "rewards": [None if math.isnan(r) else r for r in group_rewards],
+                                 "plans": group_plans, "image": name}) + "\n")
+    with (output_dir / "samples.jsonl").open("a") as f:
+        f.write("".join(lines))
+    return logged
 
 
 def plot_reward_curve(metrics: list[dict], path: str | Path) -> None:

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -31,7 +32,9 @@ from grpo_img.data import PromptRecord, PromptSchedule, load_prompts
 from grpo_img.evaluate import Sampling, evaluate, reward_benchmark
 from grpo_img.loss import (LossNormalizer, LossSettings, group_advantages, grpo_loss, high_entropy_mask,
                            normalize_then_sum_advantages, zero_variance_groups)
-from grpo_img.reporting import MetricsLog, image_grid, plot_reward_curve, read_metrics
+from grpo_img.reporting import MetricsLog, plot_reward_curve, read_metrics, save_samples
+from grpo_img import tracking
+from grpo_img.report import write_report
 from grpo_img.distributed import (broadcast_trainable, check_distributed_type, gather_for_saving, shard_for_training,
                                   sync_gradients)
 from grpo_img.sharding import clip_grad_norm, kept_gathered, load_full_optimizer_state
@@ -466,9 +469,16 @@ def build_optimizer(policy: Policy, config: GRPOImgConfig) -> tuple[torch.optim.
 def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     """Run GRPO as configured; returns the output directory."""
     use_bf16 = config.bf16 if config.bf16 is not None else torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
-    sharding = check_distributed_type(accelerator)
     output_dir = Path(config.output_dir)
+    trackers = tracking.report_to_names(config.report_to)
+    try:
+        tracking.check_installed(trackers)
+    except ValueError as error:
+        raise SetupError(str(error)) from error
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", log_with=trackers or None,
+                              project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                                  logging_dir=str(output_dir / "tensorboard")))
+    sharding = check_distributed_type(accelerator)
     torch.manual_seed(config.seed)
 
     # Everything that can be wrong with the input is found before a model is built: the prompts, the sampling
@@ -509,22 +519,28 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
     optimizer, scheduler = build_optimizer(policy, config)
     optimizer = accelerator.prepare_optimizer(optimizer)
 
-    state, start_step = RunState(), 0
+    state, start_step, run_id = RunState(), 0, tracking.new_run_id()
     if checkpoint is not None:
         load_optimizer = (lambda saved: load_full_optimizer_state(policy.peft_model, optimizer, saved)) \
             if sharding is not None else None
         saved = load_trainer_state(checkpoint, optimizer, scheduler, load_optimizer)
         start_step = saved["step"]
         state = RunState(**saved["run_state"])
+        run_id = saved.get("tracker_run_id", run_id)  # the same W&B / trackio run continues
         log.info("resumed from %s at step %d", checkpoint, start_step)
-    metrics_log = MetricsLog(output_dir, config.report_to_tensorboard, resume_step=start_step if resume else None) \
+    metrics_log = MetricsLog(output_dir, resume_step=start_step if resume else None) \
         if accelerator.is_main_process else None
+    accelerator.init_trackers(config.tracker_project_name, config=tracking.hyperparameters(config.to_dict()),
+                              init_kwargs=tracking.tracker_init_kwargs(trackers, output_dir, run_id,
+                                                                       start_step if checkpoint else None))
+    extra_state = lambda: {"run_state": vars(state).copy(), "tracker_run_id": run_id}  # noqa: E731
 
     # evaluation runs on the main process only, unless the layers are sharded: then every process must take part
     # in every forward (each samples the same images; process 0 logs)
     evaluates_here = accelerator.is_main_process or sharding is not None
     evaluation = setup_evaluation(config) if evaluates_here else None
-    progress = tqdm(total=config.max_steps, initial=start_step, desc="GRPO", disable=not accelerator.is_main_process)
+    progress = tqdm(total=config.max_steps, initial=start_step, desc="GRPO", unit="step",
+                    disable=not accelerator.is_main_process)
     for step in range(start_step, config.max_steps):
         batch = schedule.at_step(step)
         more_prompts = functools.partial(schedule.extra_at_step, step) if config.dynamic_sampling else None
@@ -533,36 +549,49 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
         done = step + 1
         evaluate_now = bool(config.eval_steps) and (done % config.eval_steps == 0 or done == config.max_steps)
         if evaluate_now and evaluates_here:  # unsharded, the other processes wait at the next collective
+            eval_dir = output_dir / "eval" / f"step_{done:06d}" if accelerator.is_main_process else None
             with accelerator.autocast(), kept_gathered(policy.model, config.fsdp_gather_for_sampling):
-                metrics.update(run_evaluation(policy, evaluation, config))
+                metrics.update(run_evaluation(policy, evaluation, config, eval_dir))
+            if eval_dir is not None:
+                tracking.log_images(accelerator, eval_grids(eval_dir), done)
         if accelerator.is_main_process:
             if done % config.logging_steps == 0 or done == config.max_steps or evaluate_now:
                 metrics_log.log(metrics)
+                accelerator.log(tracking.scalars(metrics), step=done)
             if config.image_log_steps and (done % config.image_log_steps == 0 or done == 1):
-                save_image_grid(output_dir, done, images, rollout, reward_values, config.num_generations)
+                samples = save_samples(output_dir, done, images, rollout.prompts, reward_values.tolist(),
+                                       rollout.plans, config.num_generations)
+                tracking.log_images(accelerator, samples, done)
         # no checkpoint while updates are being skipped: it must not rotate out the last good one
         if config.save_steps and done % config.save_steps == 0 and done < config.max_steps \
                 and state.nonfinite_in_a_row == 0:
             accelerator.wait_for_everyone()
             adapter_state, optimizer_state = gather_for_saving(policy, optimizer, sharding)
             if accelerator.is_main_process:
-                save_checkpoint(output_dir, done, policy.peft_model, optimizer, scheduler,
-                                {"run_state": vars(state).copy()}, config.save_total_limit, adapter_state,
-                                optimizer_state, config.to_dict())
+                save_checkpoint(output_dir, done, policy.peft_model, optimizer, scheduler, extra_state(),
+                                config.save_total_limit, adapter_state, optimizer_state, config.to_dict())
         progress.update(1)
-        progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}")
+        progress.set_postfix(reward_mean=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}",
+                             step_s=f"{metrics['step_seconds']:.1f}")
     progress.close()
 
     accelerator.wait_for_everyone()
     adapter_state, optimizer_state = gather_for_saving(policy, optimizer, sharding)
     if accelerator.is_main_process:
-        save_checkpoint(output_dir, config.max_steps, policy.peft_model, optimizer, scheduler,
-                        {"run_state": vars(state).copy()}, config.save_total_limit, adapter_state, optimizer_state,
-                        config.to_dict())
+        save_checkpoint(output_dir, config.max_steps, policy.peft_model, optimizer, scheduler, extra_state(),
+                        config.save_total_limit, adapter_state, optimizer_state, config.to_dict())
         policy.peft_model.save_pretrained(output_dir / "adapter", state_dict=adapter_state)
-        metrics_log.close()
         plot_reward_curve(read_metrics(output_dir), output_dir / "reward_curve.png")
-        log.info("done: adapter in %s, reward curve in %s", output_dir / "adapter", output_dir / "reward_curve.png")
+        try:  # the run is saved by now: a report that fails costs only the report
+            report = write_report(output_dir)
+        except Exception as error:  # noqa: BLE001
+            log.warning("the run report could not be written (%s); the run itself is complete", error)
+            report = None
+        log.info("done: adapter in %s; report %s; reward curve %s%s", output_dir / "adapter", report,
+                 output_dir / "reward_curve.png",
+                 f"; tensorboard --logdir {output_dir / 'tensorboard'}" if "tensorboard" in trackers else "")
+        for tracker in accelerator.trackers:  # (not accelerator.end_training: it would end the process group too)
+            tracker.finish()
     return output_dir
 
 
@@ -574,11 +603,15 @@ def setup_evaluation(config: GRPOImgConfig):
                                                                                  config.prompt_column))
 
 
-def run_evaluation(policy: Policy, benchmark, config: GRPOImgConfig) -> dict:
+def run_evaluation(policy: Policy, benchmark, config: GRPOImgConfig, out_dir: Path | None = None) -> dict:
     """eval/METRIC (mean over all images) and, with several tasks, eval/TASK/METRIC. Same seed at every
-    evaluation, so the curve compares the policy on the same draws of noise."""
+    evaluation, so the curve compares the policy on the same draws of noise. With `out_dir` (the main process),
+    the images, report and grids are written there (an earlier evaluation's folder of this step, left by an
+    interrupted run, is replaced)."""
     start = time.perf_counter()
-    report = evaluate(policy, benchmark, None, num_images=config.eval_num_images,
+    if out_dir is not None:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    report = evaluate(policy, benchmark, out_dir, num_images=config.eval_num_images,
                       prompts_per_batch=max(1, config.per_device_train_batch_size // config.eval_num_images),
                       sampling=Sampling(config.cfg_scale, config.temperature, config.top_k, config.top_p, config.min_p),
                       seed=config.seed, progress=False)
@@ -590,15 +623,7 @@ def run_evaluation(policy: Policy, benchmark, config: GRPOImgConfig) -> dict:
     return metrics
 
 
-def save_image_grid(output_dir: Path, step: int, images, rollout: Rollout, reward_values, group_size: int) -> None:
-    captions = [f"{r:.2f}" for r in reward_values.tolist()]
-    for g in range(0, len(images), group_size):
-        captions[g] = f"{rollout.prompts[g][:14]} {captions[g]}"
-    folder = output_dir / "images"
-    folder.mkdir(exist_ok=True)
-    image_grid(images, captions, columns=group_size).save(folder / f"step_{step:06d}.png")
-    if rollout.plans is not None:  # the plans of the grid, row by row, next to it
-        with (output_dir / "plans.jsonl").open("a") as f:
-            for i, plan in enumerate(rollout.plans):
-                f.write(json.dumps({"step": step, "row": i, "prompt": rollout.prompts[i], "plan": plan,
-                                    "reward": reward_values[i].item(), "image": f"images/step_{step:06d}.png"}) + "\n")
+def eval_grids(eval_dir: Path) -> dict[str, tuple[Image.Image, str]]:
+    """The task grids an evaluation wrote ({tag: (grid, caption)}) for the trackers."""
+    return {f"eval/{path.stem}": (Image.open(path).convert("RGB"), f"evaluation grid {path.stem}")
+            for path in sorted((eval_dir / "grids").glob("*.png"))}

@@ -50,7 +50,7 @@ def run_tiny_grpo(tmp_path, policy: str, policy_options: dict, steps: int, **ove
     from grpo_img.trainer import train
 
     values = {"policy": policy, "policy_options": json.dumps(policy_options), "max_steps": str(steps),
-              "output_dir": str(tmp_path / "run"), "report_to_tensorboard": "false", "image_log_steps": "0",
+              "output_dir": str(tmp_path / "run"), "report_to": "none", "image_log_steps": "0",
               "save_steps": "0"}
     values.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in overrides.items()})
     return read_metrics(train(load_config(None, values)))

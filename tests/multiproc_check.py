@@ -49,7 +49,7 @@ def check_config(num_processes: int, output_dir: str, **overrides):
                   num_generations=GROUP, per_device_train_batch_size=len(PROMPTS) * GROUP // num_processes,
                   loss_type="grpo", beta=0.04, learning_rate=3e-3, image_heads_learning_rate=1e-2, max_steps=STEPS,
                   lora_r=4, lora_alpha=8, seed=0, output_dir=output_dir, image_log_steps=0, save_steps=0,
-                  report_to_tensorboard=False)
+                  report_to="none")
     values.update(overrides)
     config = GRPOImgConfig(**values)
     config.validate()

@@ -59,7 +59,7 @@ def test_blip3o_next_evaluation_without_cfg_flag_samples_without_cfg_and_says_so
 def test_the_run_config_holds_the_resolved_settings(tmp_path):
     config = load_config(None, {"policy": "blip3o_next", "policy_options": '{"tiny": true}', "cfg_scale": "null",
                                 "max_steps": "1", "num_generations": "2", "per_device_train_batch_size": "6",
-                                "output_dir": str(tmp_path / "run"), "report_to_tensorboard": "false",
+                                "output_dir": str(tmp_path / "run"), "report_to": "none",
                                 "image_log_steps": "0", "save_steps": "0"})
     assert config.cfg_scale is None
     saved = json.loads((train(config) / "config.json").read_text())

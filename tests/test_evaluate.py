@@ -162,3 +162,11 @@ def test_ocr_layer_reports_mean_reward_and_exact_matches():
     report = summarize([{"task": "one_word", "metrics": metrics}], benchmark, 2)
     assert report["overall"] == pytest.approx(0.5) and report["image_means"]["exact"] == pytest.approx(0.5)
     assert not math.isnan(report["overall"])
+
+
+def test_the_progress_bars_running_score_skips_unscored_images():
+    from grpo_img.evaluate import running_mean
+
+    results = [{"metrics": [{"correct": 1.0}, {"correct": float("nan")}]}, {"metrics": [{"correct": 0.0}, {}]}]
+    assert running_mean(results, "correct") == 0.5
+    assert math.isnan(running_mean([], "correct"))

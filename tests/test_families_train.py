@@ -1,6 +1,7 @@
 """Every family through the trainer: the reward rises on each family's tiny config (configs/*tiny_demo.yaml), and
 think-then-draw trains plan and image together on every family that can write a plan."""
 
+import html
 import json
 import math
 
@@ -25,7 +26,7 @@ RISES = [
 
 
 def run(tmp_path, config_name, **overrides) -> list[dict]:
-    values = {"output_dir": str(tmp_path / "run"), "report_to_tensorboard": "false", "image_log_steps": "0",
+    values = {"output_dir": str(tmp_path / "run"), "report_to": "none", "image_log_steps": "0",
               "save_steps": "0"}
     values.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in overrides.items()})
     return read_metrics(train(load_config(config_name, values)))
@@ -61,7 +62,10 @@ def test_plan_and_image_train_through_the_trainer(tmp_path, family):
                   plan_temperature="1.2", cfg_scale="3.0", image_log_steps="1")
     assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
     assert metrics[0]["logprob_gap"] < 1e-4 and metrics[0]["kl"] == 0.0
-    logged = [json.loads(line) for line in (tmp_path / "run" / "plans.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in logged] == [1] * 8 + [2] * 8
-    assert all(entry["prompt"] == "a red image" and isinstance(entry["plan"], str) for entry in logged)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == [1, 2]  # one group of 8 per step
+    assert all(entry["prompt"] == "a red image" and len(entry["plans"]) == 8
+               and all(isinstance(plan, str) for plan in entry["plans"]) for entry in logged)
     assert all((tmp_path / "run" / entry["image"]).is_file() for entry in logged)
+    page = (tmp_path / "run" / "report" / "index.html").read_text()  # the report shows the plans under the images
+    assert all(html.escape(plan) in page for entry in logged for plan in entry["plans"])

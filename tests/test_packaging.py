@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = ["--max_steps", "2", "--report_to_tensorboard", "false", "--image_log_steps", "0", "--save_steps", "0"]
+RUN = ["--max_steps", "2", "--report_to", "none", "--image_log_steps", "0", "--save_steps", "0"]
 
 
 @pytest.mark.slow

@@ -1,5 +1,9 @@
-"""Sampling is bitwise what it was when `tests/data/sampling_golden.json` was recorded (see golden_sampling.py):
-same tokens, same log-probs, same action masks, for every family, with and without a plan."""
+"""Sampling is what it was when `tests/data/sampling_golden.json` was recorded (see golden_sampling.py): the same
+tokens and action masks bitwise, for every family, with and without a plan, and the same log-probs to 1e-4.
+
+Log-probs are compared to a tolerance, not bitwise: they are float32 reductions whose last bits depend on the
+CPU's kernels. The recording was made on another processor type than some CI machines (on an AMD EPYC they are up
+to 8.6e-6 apart, every token the same); 1e-4 is the tolerance the sampler and the scorer are held to."""
 
 import json
 
@@ -18,8 +22,8 @@ def test_sampling_matches_the_recording(case):
         got = now[settings]
         assert got["tokens"] == expected["tokens"], f"{case}/{settings}: tokens changed"
         assert got["action_mask"] == expected["action_mask"], f"{case}/{settings}: action mask changed"
-        assert torch.equal(torch.tensor(got["logprobs"]), torch.tensor(expected["logprobs"])), \
-            f"{case}/{settings}: log-probs changed"
+        difference = (torch.tensor(got["logprobs"]) - torch.tensor(expected["logprobs"])).abs().max().item()
+        assert difference <= 1e-4, f"{case}/{settings}: log-probs changed by up to {difference:.2e}"
 
 
 def test_every_family_samples_the_same_on_the_static_cache(tiny_policy):

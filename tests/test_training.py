@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from peft import PeftModel
+from PIL import Image
 
 import policies
 from grpo_img.config import load_config
@@ -20,13 +21,13 @@ DEMO_TEST_STEPS = 100  # of the demo's 160: still shows the rise (about 0.36 -> 
 
 
 def demo_config(tmp_path, **overrides):
-    values = {"output_dir": str(tmp_path / "run"), "report_to_tensorboard": "false", "image_log_steps": "0"}
+    values = {"output_dir": str(tmp_path / "run"), "report_to": "none", "image_log_steps": "0"}
     values.update({k: str(v) for k, v in overrides.items()})
     return load_config(None, values)
 
 
 def test_run_writes_metrics_images_curve_and_a_loadable_adapter(tmp_path):
-    config = demo_config(tmp_path, max_steps=4, image_log_steps=2, save_steps=2, report_to_tensorboard="true")
+    config = demo_config(tmp_path, max_steps=4, image_log_steps=2, save_steps=2, report_to="tensorboard")
     out = train(config)
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
@@ -35,9 +36,14 @@ def test_run_writes_metrics_images_curve_and_a_loadable_adapter(tmp_path):
     assert metrics[0]["kl"] == 0.0  # a fresh adapter is the reference policy
     assert metrics[0]["logprob_gap"] < 1e-4  # mixture scoring reproduces the sampled log-probs
     assert (out / "reward_curve.png").stat().st_size > 1000
-    assert sorted(p.name for p in (out / "images").iterdir()) == ["step_000001.png", "step_000002.png",
-                                                                   "step_000004.png"]
-    assert list((out / "tensorboard").iterdir())
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["step_000001", "step_000002", "step_000004"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    groups = config.prompts_per_step
+    assert [s["step"] for s in samples] == [1] * groups + [2] * groups + [4] * groups
+    for record in samples:  # one strip per group: G cells of 128 px, the rewards of the group
+        assert len(record["rewards"]) == config.num_generations and record["plans"] is None
+        assert Image.open(out / record["image"]).width == 128 * config.num_generations
+    assert (out / "report" / "index.html").is_file()  # written at the end of the run
     assert (out / "checkpoint-2" / "trainer_state.pt").is_file() and (out / "checkpoint-4").is_dir()
     # the adapter loads with plain peft on top of the base model and changes it
     base = policies.build("janus", tiny=True, tiny_palette=["red", "green", "blue"], seed=0)
@@ -212,16 +218,16 @@ def test_unreachable_reward_server_stops_the_run_after_max_reward_failure_steps(
 
 
 def test_step_logs_restart_with_the_run(tmp_path):
-    """A resumed run cuts metrics.jsonl and plans.jsonl after the checkpoint's step; a fresh run empties them."""
+    """A resumed run cuts metrics.jsonl and samples.jsonl after the checkpoint's step; a fresh run empties them."""
     from grpo_img.reporting import MetricsLog
 
-    for name in ("metrics.jsonl", "plans.jsonl"):
+    for name in ("metrics.jsonl", "samples.jsonl"):
         (tmp_path / name).write_text("".join(json.dumps({"step": s, "row": 0}) + "\n" for s in (1, 2, 3, 4)))
-    MetricsLog(tmp_path, tensorboard=False, resume_step=2).close()
-    for name in ("metrics.jsonl", "plans.jsonl"):
+    MetricsLog(tmp_path, resume_step=2)
+    for name in ("metrics.jsonl", "samples.jsonl"):
         assert [json.loads(line)["step"] for line in (tmp_path / name).read_text().splitlines()] == [1, 2]
-    MetricsLog(tmp_path, tensorboard=False, resume_step=None).close()
-    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "plans.jsonl").exists()
+    MetricsLog(tmp_path, resume_step=None)
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "samples.jsonl").exists()
 
 
 def test_a_torn_last_log_line_is_dropped_on_resume_and_a_corrupt_one_is_an_error(tmp_path, caplog):
@@ -232,12 +238,12 @@ def test_a_torn_last_log_line_is_dropped_on_resume_and_a_corrupt_one_is_an_error
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:9])
     with caplog.at_level("WARNING"):
         assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3]
-        MetricsLog(tmp_path, tensorboard=False, resume_step=2).close()
+        MetricsLog(tmp_path, resume_step=2)
     assert "torn last line" in caplog.text
     assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:2]) + "\n"
     (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n{not json\n" + lines[2] + "\n")
     with pytest.raises(ValueError, match="line 2 is not JSON"):
-        MetricsLog(tmp_path, tensorboard=False, resume_step=2)
+        MetricsLog(tmp_path, resume_step=2)
 
 
 class ConstantForSomePrompts:

@@ -81,11 +81,17 @@ def _pyplot():
     return plt
 
 
-def _integer_steps(axes) -> None:
+def _save(fig, axes, path: Path) -> Path:
+    """Whole steps on the x axes, then the figure as a PNG (closed: a long report must not hold every figure)."""
     from matplotlib.ticker import MaxNLocator
 
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    fig.clear()
+    _pyplot().close(fig)
+    return path
 
 
 def _series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -110,11 +116,7 @@ def plot_rewards(metrics: list[dict], path: Path) -> Path:
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _integer_steps([ax])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, [ax], path)
 
 
 def plot_per_prompt(metrics: list[dict], path: Path) -> Path:
@@ -138,11 +140,7 @@ def plot_per_prompt(metrics: list[dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     if len(prompts) <= PER_PROMPT_LINES:
         ax.legend(fontsize=7)
-    _integer_steps([ax])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, [ax], path)
 
 
 def plot_diagnostics(metrics: list[dict], path: Path) -> Path:
@@ -156,11 +154,7 @@ def plot_diagnostics(metrics: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         if not values:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
-    _integer_steps(axes.flat)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, axes.flat, path)
 
 
 def plot_evaluation(metrics: list[dict], path: Path) -> Path:
@@ -172,11 +166,7 @@ def plot_evaluation(metrics: list[dict], path: Path) -> Path:
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _integer_steps([ax])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, [ax], path)
 
 
 # -- sections -----------------------------------------------------------------------------------------------------

@@ -114,35 +114,6 @@ def save_samples(output_dir: Path, step: int, images: list[Image.Image], prompts
     return logged
 
 
-def plot_reward_curve(metrics: list[dict], path: str | Path) -> None:
-    """reward_mean (with a +-std band) and each prompt's mean reward against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [m["step"] for m in metrics]
-    mean = [m["reward_mean"] for m in metrics]
-    std = [m["reward_std"] for m in metrics]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, mean, color="black", label="reward_mean")
-    ax.fill_between(steps, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
-                    color="grey", alpha=0.2, label="± reward_std")
-    prompts = sorted({p for m in metrics for p in m.get("reward_per_prompt", {})})
-    if len(prompts) <= 8:
-        for prompt in prompts:
-            points = [(m["step"], m["reward_per_prompt"][prompt]) for m in metrics
-                      if prompt in m.get("reward_per_prompt", {})]
-            ax.plot(*zip(*points), ".", alpha=0.5, label=prompt[:40])
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def restart_step_log(path: Path, resume_step: int | None) -> None:
     """A JSONL log with a "step" per line, as a run starts: emptied for a fresh run, cut after the checkpoint's
     step on resume (the steps after it will be run and logged again)."""

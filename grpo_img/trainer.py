@@ -32,9 +32,9 @@ from grpo_img.data import PromptRecord, PromptSchedule, load_prompts
 from grpo_img.evaluate import Sampling, evaluate, reward_benchmark
 from grpo_img.loss import (LossNormalizer, LossSettings, group_advantages, grpo_loss, high_entropy_mask,
                            normalize_then_sum_advantages, zero_variance_groups)
-from grpo_img.reporting import MetricsLog, plot_reward_curve, read_metrics, save_samples
+from grpo_img.reporting import MetricsLog, read_metrics, save_samples
 from grpo_img import tracking
-from grpo_img.report import write_report
+from grpo_img.report import plot_rewards, write_report
 from grpo_img.distributed import (broadcast_trainable, check_distributed_type, gather_for_saving, shard_for_training,
                                   sync_gradients)
 from grpo_img.sharding import clip_grad_norm, kept_gathered, load_full_optimizer_state
@@ -581,7 +581,7 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
         save_checkpoint(output_dir, config.max_steps, policy.peft_model, optimizer, scheduler, extra_state(),
                         config.save_total_limit, adapter_state, optimizer_state, config.to_dict())
         policy.peft_model.save_pretrained(output_dir / "adapter", state_dict=adapter_state)
-        plot_reward_curve(read_metrics(output_dir), output_dir / "reward_curve.png")
+        plot_rewards(read_metrics(output_dir), output_dir / "reward_curve.png")
         try:  # the run is saved by now: a report that fails costs only the report
             report = write_report(output_dir)
         except Exception as error:  # noqa: BLE001

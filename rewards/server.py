@@ -1,5 +1,10 @@
 """Serve any registered reward over HTTP: `python -m rewards.server --reward NAME --options JSON --port P`.
 
+Two backends: `batching` (default; FastAPI + uvicorn, requests of all clients merged into shared reward calls, workers
+on several devices: rewards/serving.py, `pip install grpo-img[serve]`) and `stdlib` (this module: the standard
+library's threaded server, one request at a time under a lock, no extra dependencies). Both speak the wire format
+below, with the same limits; this module holds what they share (request decoding, image checks).
+
 Why: a reward whose dependencies clash with the trainer's (Flow-GRPO runs GenEval's mmdet in its own env) or that
 needs its own GPU runs as a separate process; the trainer calls it through the "remote" reward (rewards/remote.py)
 like a local one.
@@ -16,7 +21,8 @@ request bodies, so that anyone who can reach its port can run code on it): JSON 
   that has not sent its whole request within --request-timeout seconds, 500 the reward broke its contract (wrong
   count, non-numbers). The server keeps serving after any of them.
 - `GET /health`: `{"reward": NAME, "requests": n, "samples": n}` (counts of answered /score calls).
-Requests are handled in threads but the reward is called under a lock: reward models are rarely thread-safe.
+stdlib backend: requests are handled in threads but the reward is called under a lock (reward models are rarely
+thread-safe). The batching backend adds `batches`, `workers` and `max_batch_size` to /health.
 """
 
 from __future__ import annotations
@@ -80,13 +86,20 @@ def decode_request(body: bytes, max_request_pixels: int = DEFAULT_MAX_REQUEST_PI
         raise BadRequest("'images', 'prompts' and 'metadata' must be lists of equal length")
     if not all(isinstance(p, str) for p in prompts) or not all(isinstance(m, dict) for m in metadata):
         raise BadRequest("prompts must be strings and metadata objects")
+    return open_images(images, max_request_pixels), prompts, metadata
+
+
+def open_images(images: list, max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS) -> list[Image.Image]:
+    """base64 PNG/JPEG strings as RGB images, every size checked before any pixel is decoded."""
     # first every header (PIL reads only the header on open), so that the sizes are checked before any pixel is
     # decoded: a small PNG can decode to gigabytes
     opened, total = [], 0
     for i, data in enumerate(images):
         try:
             image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
-        except (binascii.Error, TypeError, ValueError, OSError, Image.DecompressionBombError) as error:
+        except Image.DecompressionBombError as error:  # PIL's own header check, for the largest ones
+            raise TooLarge(f"image {i} is too large: {error}") from None
+        except (binascii.Error, TypeError, ValueError, OSError) as error:
             raise BadRequest(f"image {i} is not base64 PNG/JPEG: {type(error).__name__}: {error}") from None
         if image.format not in ("PNG", "JPEG"):
             raise BadRequest(f"image {i} is {image.format}, not PNG or JPEG")
@@ -103,7 +116,7 @@ def decode_request(body: bytes, max_request_pixels: int = DEFAULT_MAX_REQUEST_PI
             decoded.append(image.convert("RGB"))
         except (ValueError, OSError, Image.DecompressionBombError) as error:
             raise BadRequest(f"image {i} does not decode: {type(error).__name__}: {error}") from None
-    return decoded, prompts, metadata
+    return decoded
 
 
 class RewardServer(ThreadingHTTPServer):
@@ -232,6 +245,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--options", default="{}", help="the reward's options as a JSON object")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     parser.add_argument("--port", type=int, default=18085, help="0 picks a free port (printed on start)")
+    parser.add_argument("--backend", choices=("batching", "stdlib"), default="batching",
+                        help="batching: FastAPI + uvicorn, requests of all clients batched together "
+                        "(rewards/serving.py; pip install grpo-img[serve]); stdlib: this module's threaded server, "
+                        "one request at a time, no extra dependencies")
+    parser.add_argument("--max-batch-size", type=int, default=64,
+                        help="batching: most images scored in one reward call, over all requests merged into it")
+    parser.add_argument("--batch-timeout", type=float, default=0.01,
+                        help="batching: seconds a batch waits for further requests once it has its first")
+    parser.add_argument("--devices", default=None,
+                        help="batching: where the reward copies run: a count N (cuda:0..N-1) or a list "
+                        "(cuda:0,cuda:1); default: the reward's own device, one copy")
+    parser.add_argument("--workers-per-device", type=int, default=1,
+                        help="batching: reward copies (worker threads) per device")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body accepted")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_REQUEST_PIXELS,
                         help="most image pixels in one request, all images together (checked before decoding)")
@@ -242,17 +268,37 @@ def main(argv: list[str] | None = None) -> None:
     options = json.loads(args.options)
     if not isinstance(options, dict):
         parser.error("--options must be a JSON object")
-    reward = rewards.build(args.reward, **options)
-    server = RewardServer((args.host, args.port), reward, args.reward, args.max_bytes, args.max_pixels,
-                          args.request_timeout)
-    host, port = server.server_address[:2]
-    print(f"serving reward {args.reward!r} on http://{host}:{port}", flush=True)  # tests wait for this line
+    if args.backend == "stdlib":
+        reward = rewards.build(args.reward, **options)
+        server = RewardServer((args.host, args.port), reward, args.reward, args.max_bytes, args.max_pixels,
+                              args.request_timeout)
+        host, port = server.server_address[:2]
+        print(f"serving reward {args.reward!r} on http://{host}:{port}", flush=True)  # tests wait for this line
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+        return
     try:
-        server.serve_forever()
+        from rewards.serving import parse_devices, serve
+    except ImportError as error:
+        parser.error(f"the batching server needs FastAPI and uvicorn ({error}): pip install 'grpo-img[serve]', or "
+                     "run --backend stdlib")
+    if args.workers_per_device < 1:
+        parser.error("--workers-per-device must be >= 1")
+    try:
+        devices = parse_devices(args.devices)
+    except ValueError as error:
+        parser.error(str(error))
+    copies = [rewards.build(args.reward, **options, **({"device": d} if d is not None else {}))
+              for d in devices for _ in range(args.workers_per_device)]
+    try:
+        serve(copies, args.reward, args.host, args.port, args.max_batch_size, args.batch_timeout, args.max_bytes,
+              args.max_pixels, args.request_timeout)
     except KeyboardInterrupt:
         pass
-    finally:
-        server.server_close()
 
 
 if __name__ == "__main__":

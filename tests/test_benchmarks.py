@@ -4,6 +4,7 @@ Timings themselves are not asserted here (they belong to the scripts' output, se
 
 import re
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -149,3 +150,23 @@ def test_static_cache_with_think_then_draw_contexts():
     static = policy.sample(PROMPTS, 3, cfg_scale=5.0, generator=torch.Generator().manual_seed(1))
     assert torch.equal(static.completion_ids, dynamic.completion_ids)
     torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=1e-5, rtol=0)
+
+
+def test_gpu_suite_runs_end_to_end_at_tiny_size_on_cpu():
+    """benchmarks/gpu_suite.py must not fail on its first GPU run for a reason a CPU can find: its parts, their
+    arguments and the parsing of their figures run here on the tiny model."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--tiny"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"gpu_suite rollout_tiny: speedup_vs_generate=\d+\.\d\d roofline=\d+%; "
+                        r"grpo_step_tiny: step_seconds=\d+\.\d\d peak_memory_mib=\d+", summary), summary
+
+
+def test_reward_server_benchmark_runs_both_servers_and_prints_the_ratio():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reward_server.py"), "--clients", "3",
+                           "--requests", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert re.match(r"stdlib +12 images in", lines[0]) and re.match(r"batching +12 images in .* reward calls", lines[1])
+    assert re.fullmatch(r"batched_over_serial=\d+\.\d\d", lines[-1])

@@ -62,10 +62,11 @@ def post(port: int, body: bytes, content_type: str = "application/json", headers
     return response.status, json.loads(response.read())
 
 
-@pytest.fixture(scope="module")
-def color_server():
-    process, port = start_server("--reward", "color", "--options", '{"colors": ["red", "green", "blue"]}',
-                                 "--max-bytes", "20000")
+@pytest.fixture(scope="module", params=["batching", "stdlib"])
+def color_server(request):
+    """The colour reward served by each backend: they keep the same wire format and guarantees."""
+    process, port = start_server("--backend", request.param, "--reward", "color", "--options",
+                                 '{"colors": ["red", "green", "blue"]}', "--max-bytes", "20000")
     yield port
     process.terminate()
     process.wait(10)
@@ -159,7 +160,9 @@ def test_total_pixels_per_request_are_capped_before_decoding():
 
 
 def test_slow_clients_are_timed_out_and_do_not_block_others():
-    process, port = start_server("--reward", "color", "--request-timeout", "1")
+    """The stdlib backend: a thread per connection, so even a header trickler is cut off at the deadline (the
+    batching backend's slow clients: tests/test_reward_serving.py)."""
+    process, port = start_server("--backend", "stdlib", "--reward", "color", "--request-timeout", "1")
     try:
         slow = []
         for _ in range(20):  # half-sent requests: headers promise a body that never comes

@@ -6,8 +6,10 @@ input before it reaches the reward; per-sample errors; size limits; `GET /health
 
 - **Dynamic batching.** Requests from every client go into one queue. A worker takes the oldest request and adds
   further ones while the batch holds at most `max_batch_size` images and `batch_timeout` seconds have not passed
-  since it took the first; it scores all their images in one reward call and hands each request exactly its own
-  scores back, in its order. A request larger than `max_batch_size` is scored alone, whole.
+  since it took the first; it waits only while some request is still being received (its body read, checked,
+  decoded), so a batch is closed as soon as nothing more is on its way. It scores all their images in one reward
+  call and hands each request exactly its own scores back, in its order. A request larger than `max_batch_size` is
+  scored alone, whole.
 - **Workers and devices.** `devices` x `workers_per_device` workers, each with its own copy of the reward built
   on its device (`device=` option), all taking from the one queue. Workers are threads of one process: a reward
   model releases the GIL in its kernels, the health counters are one set, and requests are never copied between
@@ -40,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from rewards.base import Reward, RewardContractError, score_isolated
 from rewards.server import (DEFAULT_MAX_BYTES, DEFAULT_MAX_REQUEST_PIXELS, DEFAULT_REQUEST_TIMEOUT, BadRequest,
-                            open_images)
+                            TooLarge, open_images)
 
 log = logging.getLogger("rewards.serving")
 
@@ -58,6 +60,10 @@ class ScoreRequest(BaseModel):
         if not len(self.images) == len(self.prompts) == len(self.metadata):
             raise ValueError("'images', 'prompts' and 'metadata' must be lists of equal length")
         return self
+
+
+class RequestTimeout(BadRequest):
+    status = 408
 
 
 @dataclass
@@ -80,13 +86,22 @@ class Batcher:
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.lock = threading.Lock()
         self.counts = {"requests": 0, "samples": 0, "batches": 0}
+        self.receiving = 0  # requests being received: a batch waits for them (up to batch_timeout), not longer
         self.workers = [threading.Thread(target=self._work, args=(reward,), daemon=True, name=f"reward-{i}")
                         for i, reward in enumerate(reward_copies)]
         for worker in self.workers:
             worker.start()
 
+    def arriving(self, change: int) -> None:
+        """A request has started (+1) or stopped (-1) being received without becoming a job."""
+        with self.lock:
+            self.receiving += change
+
     def submit(self, images: list, prompts: list[str], metadata: list[dict]) -> concurrent.futures.Future:
+        """Queue a received request (one that `arriving(+1)` announced) for scoring."""
         job = Job(images, prompts, metadata)
+        with self.lock:
+            self.receiving -= 1
         self.jobs.put(job)
         return job.done
 
@@ -97,11 +112,16 @@ class Batcher:
             carried, batch, size = None, [first], len(first.images)
             deadline = time.monotonic() + self.batch_timeout
             while size < self.max_batch_size:
-                left = deadline - time.monotonic()
                 try:
-                    job = self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait()
+                    job = self.jobs.get_nowait()
                 except queue.Empty:
-                    break
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self.receiving <= 0:  # nothing more is on its way
+                        break
+                    try:
+                        job = self.jobs.get(timeout=min(left, 0.001))
+                    except queue.Empty:
+                        continue
                 if size + len(job.images) > self.max_batch_size:
                     carried = job
                     break
@@ -145,6 +165,23 @@ def build_app(batcher: Batcher, max_bytes: int = DEFAULT_MAX_BYTES,
             return {"reward": batcher.reward_name, **batcher.counts, "workers": len(batcher.workers),
                     "max_batch_size": batcher.max_batch_size}
 
+    async def receive(request: Request) -> tuple[list, ScoreRequest]:
+        """The request's images and fields; BadRequest (with its status) for anything wrong with them."""
+        try:  # the whole body within the deadline: a client that trickles it is cut off
+            body = await asyncio.wait_for(request.body(), request_timeout)
+        except asyncio.TimeoutError:
+            log.warning("a request was not received within %s s", request_timeout)
+            raise RequestTimeout(f"the request was not received within {request_timeout} s") from None
+        if len(body) > max_bytes:  # the header may have lied
+            raise TooLarge(f"body is over the {max_bytes} limit")
+        try:
+            parsed = ScoreRequest.model_validate_json(body)
+        except ValidationError as invalid:
+            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}"
+                                 for e in invalid.errors()[:5])
+            raise BadRequest(f"malformed request: {problems}") from None
+        return await asyncio.to_thread(open_images, parsed.images, max_request_pixels), parsed
+
     @app.post("/score")
     async def score(request: Request):
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
@@ -155,22 +192,15 @@ def build_app(batcher: Batcher, max_bytes: int = DEFAULT_MAX_BYTES,
             return error(411, "a Content-Length header is required")
         if length < 0 or length > max_bytes:
             return error(413, f"body of {length} bytes is over the {max_bytes} limit; send smaller batches")
-        try:  # the whole body within the deadline: a client that trickles it is cut off
-            body = await asyncio.wait_for(request.body(), request_timeout)
-        except asyncio.TimeoutError:
-            log.warning("a request was not received within %s s", request_timeout)
-            return error(408, f"the request was not received within {request_timeout} s")
-        if len(body) > max_bytes:  # the header may have lied
-            return error(413, f"body is over the {max_bytes} limit")
+        batcher.arriving(+1)  # a batch being formed waits for this request while it is received
         try:
-            parsed = ScoreRequest.model_validate_json(body)
-            images = await asyncio.to_thread(open_images, parsed.images, max_request_pixels)
-        except ValidationError as invalid:
-            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}"
-                                 for e in invalid.errors()[:5])
-            return error(400, f"malformed request: {problems}")
+            images, parsed = await receive(request)
         except BadRequest as bad:
+            batcher.arriving(-1)
             return error(bad.status, str(bad))
+        except BaseException:
+            batcher.arriving(-1)
+            raise
         try:
             scores, errors = await asyncio.wrap_future(batcher.submit(images, parsed.prompts, parsed.metadata))
         except RewardContractError as broken:

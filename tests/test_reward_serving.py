@@ -70,8 +70,9 @@ def test_concurrent_clients_are_batched_and_each_gets_exactly_its_own_scores(bat
     assert after["batches"] - before["batches"] < clients  # merged: fewer reward calls than requests
 
 
-def test_a_request_larger_than_the_batch_is_scored_whole_and_a_failing_sample_stays_its_own():
-    process, port = start_server("--reward", "color", "--options", COLOR_OPTIONS, "--max-batch-size", "2")
+def test_a_request_larger_than_the_batch_is_scored_whole_and_a_lone_one_is_not_kept_waiting():
+    process, port = start_server("--reward", "color", "--options", COLOR_OPTIONS, "--max-batch-size", "2",
+                                 "--batch-timeout", "5")
     try:
         images = [scene(i) for i in range(5)]
         prompts = ["red", "blue", "a cat", "green", "red"]  # "a cat" names no colour: that sample fails alone
@@ -81,6 +82,11 @@ def test_a_request_larger_than_the_batch_is_scored_whole_and_a_failing_sample_st
         for i in (0, 1, 3, 4):
             assert answer["scores"][i] == expected([images[i]], [prompts[i]], [{}])[0] and answer["errors"][i] is None
         assert health(port)["batches"] == 1
+        # a batch with room left waits for further requests only while one is being received: alone, it is
+        # scored at once, not after the 5 s batch timeout
+        start = time.monotonic()
+        assert post(port, body_of([scene(0)], ["red"]))[0] == 200
+        assert time.monotonic() - start < 2.0
     finally:
         process.terminate()
         process.wait(10)

@@ -30,7 +30,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rewards.server import encode_image  # noqa: E402
+from rewards.wire import encode_image  # noqa: E402
 
 # a small CLIP (64 px images, 2 vision and 2 text layers of width 128): its cost per call is mostly fixed, as a
 # large model's is on a GPU that has room for the whole batch

@@ -23,7 +23,7 @@ import time
 import urllib.parse
 
 from rewards.base import Reward, RewardContractError, RewardUnavailable
-from rewards.server import encode_image
+from rewards.wire import encode_image
 
 log = logging.getLogger("rewards.remote")
 

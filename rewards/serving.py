@@ -24,8 +24,6 @@ on the raw bytes before any JSON is parsed. A batching queue of our own on FastA
 of that explicit.
 """
 
-from __future__ import annotations
-
 import asyncio
 import concurrent.futures
 import logging
@@ -36,15 +34,22 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+import importlib.util
+
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from rewards.base import Reward, RewardContractError, score_isolated
-from rewards.server import (DEFAULT_MAX_BYTES, DEFAULT_MAX_REQUEST_PIXELS, DEFAULT_REQUEST_TIMEOUT, BadRequest,
-                            TooLarge, open_images)
+from rewards.wire import (DEFAULT_MAX_BYTES, DEFAULT_MAX_REQUEST_PIXELS, DEFAULT_REQUEST_TIMEOUT, BadRequest,
+                          TooLarge, open_images)
 
 log = logging.getLogger("rewards.serving")
+SERVE_PACKAGES = {"fastapi": "fastapi", "uvicorn": "uvicorn"}  # module -> pip package ([serve] extra)
+
+
+def missing_dependencies() -> list[str]:
+    """The [serve] packages that are not installed (FastAPI and uvicorn are imported only when serving, so that
+    rewards.server and the trainer import without them)."""
+    return [package for module, package in SERVE_PACKAGES.items() if importlib.util.find_spec(module) is None]
 
 
 class ScoreRequest(BaseModel):
@@ -152,7 +157,12 @@ class Batcher:
 
 def build_app(batcher: Batcher, max_bytes: int = DEFAULT_MAX_BYTES,
               max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
-              request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> FastAPI:
+              request_timeout: float = DEFAULT_REQUEST_TIMEOUT):
+    """The FastAPI app: POST /score into `batcher`, GET /health. (This module has no `from __future__ import
+    annotations`: FastAPI reads the endpoints' annotations, and `Request` is imported here, not at the top.)"""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
     app = FastAPI(title=f"grpo-img reward server ({batcher.reward_name})", docs_url=None, redoc_url=None,
                   openapi_url=None)
 

@@ -242,3 +242,16 @@ def test_fuzzed_requests_get_4xx_and_the_server_keeps_serving(batching_server, t
     local = rewards.build("color", colors=["red", "green", "blue"])
     assert status == 200 and answer["scores"] == local([scene(0), scene(1)], ["red", "blue"], [{}, {}])
     assert health(batching_server)["reward"] == "color"
+
+
+def test_without_the_serve_extra_the_batching_server_names_it(monkeypatch, capsys):
+    import importlib.util
+
+    from rewards import server
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",  # as on a machine without grpo-img[serve]
+                        lambda name, *a: None if name in ("fastapi", "uvicorn") else find_spec(name, *a))
+    with pytest.raises(SystemExit):
+        server.main(["--reward", "color", "--options", COLOR_OPTIONS, "--port", "0"])
+    assert "pip install 'grpo-img[serve]'" in capsys.readouterr().err

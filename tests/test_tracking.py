@@ -30,7 +30,8 @@ def tracked_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tracked")
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(root / "trackio")}
     common = ["--output_dir", str(root / "run"), "--image_log_steps", "1", "--save_steps", "1",
-              "--report_to", "[tensorboard, wandb, trackio]"]
+              "--report_to", "[tensorboard, wandb, trackio]", "--eval_steps", "2", "--eval_prompts",
+              '["a red image"]', "--eval_num_images", "2"]
     for extra in (["--max_steps", "2"], ["--max_steps", "4", "--resume"]):
         done = subprocess.run([sys.executable, "-m", "grpo_img.train", *common, *extra], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
@@ -54,10 +55,13 @@ def test_tensorboard_has_the_scalars_at_their_steps_and_one_image_per_prompt(tra
     rewards = events.Scalars("reward_mean")
     assert [e.step for e in rewards] == [1, 2, 3, 4]  # the resume continued the same event stream, no duplicates
     assert [e.value for e in rewards] == pytest.approx([m["reward_mean"] for m in metrics])
-    assert sorted(events.Tags()["images"]) == sorted(f"samples/{p}" for p in PROMPTS)
+    assert sorted(events.Tags()["images"]) == sorted([f"samples/{p}" for p in PROMPTS] + ["eval/all"])
+    grid = Image.open(run / "eval" / "step_000004" / "grids" / "all.png")
+    assert [(e.step, e.width, e.height) for e in events.Images("eval/all")] == [(2, *grid.size), (4, *grid.size)]
+    assert [e.step for e in events.Scalars("eval/color")] == [2, 4]
     width, height = strip_size(run)
     assert width == 128 * 8
-    for tag in events.Tags()["images"]:
+    for tag in (f"samples/{p}" for p in PROMPTS):
         logged = events.Images(tag)
         assert [e.step for e in logged] == [1, 2, 3, 4]
         assert {(e.width, e.height) for e in logged} == {(width, height)}
@@ -71,8 +75,10 @@ def test_wandb_offline_run_holds_the_images_and_resume_continues_the_same_run(tr
     folders = sorted((run / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders)  # first run and resume
     images = sorted(p for f in folders for p in (f / "files" / "media" / "images").rglob("*.png"))
-    assert len(images) == 4 * len(PROMPTS)  # every step's group strips
-    assert {Image.open(p).size for p in images} == {strip_size(run)}
+    samples = [p for p in images if p.parent.name == "samples"]
+    assert len(samples) == 4 * len(PROMPTS)  # every step's group strips
+    assert {Image.open(p).size for p in samples} == {strip_size(run)}
+    assert len([p for p in images if p.parent.name == "eval"]) == 2  # the grids of the evaluations at 2 and 4
     record = (folders[0] / f"run-{run_id}.wandb").read_bytes()  # the offline run's records: config and history
     assert b"num_generations" in record and b"reward_mean" in record
 
@@ -85,6 +91,7 @@ def test_trackio_local_project_holds_metrics_and_captioned_images(tracked_run):
     assert sorted(step for step, values in logged if "reward_mean" in values) == [1, 2, 3, 4]
     images = [(step, value) for step, values in logged for key, value in values.items() if key.startswith("samples/")]
     assert len(images) == 4 * len(PROMPTS)
+    assert sorted(step for step, values in logged if "eval/all" in values) == [2, 4]
     assert all(value["_type"] == "trackio.image" and "rewards" in value["caption"] for _, value in images)
     media = tracked_run / "trackio" / "media"
     assert all((media / value["file_path"]).is_file() for _, value in images)

@@ -25,8 +25,8 @@ MANIFEST = "manifest.json"
 # Config fields a resume may change: they do not change the training trajectory (logging, saving, evaluation,
 # stopping rules, where the run lives). max_steps may only grow. Every other difference is refused.
 RESUMABLE_CHANGES = {"max_steps", "logging_steps", "image_log_steps", "save_steps", "save_total_limit",
-                     "report_to", "tracker_project_name", "eval_steps", "eval_prompts", "eval_rewards", "eval_num_images",
-                     "output_dir", "overwrite_output_dir", "max_nonfinite_steps", "max_reward_failure_steps"}
+                     "report_to", "tracker_project_name", "eval_steps", "eval_prompts", "eval_rewards",
+                     "eval_num_images", "output_dir", "overwrite_output_dir", "max_nonfinite_steps", "max_reward_failure_steps"}
 
 
 def save_checkpoint(output_dir: str | Path, step: int, peft_model, optimizer, scheduler, extra: dict,

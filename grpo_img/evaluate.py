@@ -389,16 +389,21 @@ def load_policy(name: str, options: dict, adapter: str | None = None, device: st
     """A policy by registry name, with a LoRA adapter (a `save_pretrained` folder, e.g. runs/x/adapter) on top."""
     policy = policies.build(name, **options)
     if adapter is not None:
-        from peft import PeftModel
-
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"no LoRA adapter at {adapter} (adapter_config.json missing)")
-        # peft injects the adapter into the model's modules in place, so the policy's code uses it unchanged
-        PeftModel.from_pretrained(policy.model, adapter)
+        attach_adapter(policy, adapter)
     if device is not None:
         policy.to(device)
     policy.model.eval()
     return policy
+
+
+def attach_adapter(policy, adapter: str | Path):
+    """A saved LoRA adapter (a `save_pretrained` folder) on the policy's model; returns the PeftModel. peft injects
+    it into the model's modules in place, so the policy's code uses it unchanged."""
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"no LoRA adapter at {adapter} (adapter_config.json missing)")
+    return PeftModel.from_pretrained(policy.model, str(adapter))
 
 
 def build_benchmark(spec: str, prompts: str | None, reward_options: dict, limit: int | None) -> Benchmark:

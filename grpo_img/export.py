@@ -14,10 +14,12 @@ import argparse
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import policies
 from grpo_img.config import GRPOImgConfig, load_config
+from grpo_img.evaluate import attach_adapter
 from grpo_img.reporting import read_metrics
 from policies.base import Policy
 
@@ -33,11 +35,7 @@ EXPORT_FILE = "grpo_img_export.json"
 
 def merge_adapter(policy: Policy, adapter: str | Path) -> Policy:
     """`policy` with the adapter at `adapter` merged into its weights (in place); no peft wrapper is left."""
-    from peft import PeftModel
-
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"no LoRA adapter at {adapter} (adapter_config.json missing)")
-    peft_model = PeftModel.from_pretrained(policy.model, str(adapter))
+    peft_model = attach_adapter(policy, adapter)
     # merge_and_unload swaps the LoRA layers and the modules_to_save wrappers for plain modules inside the model,
     # in place, so the family's code (which reaches its submodules through the model) uses the merged weights
     policy.model = peft_model.merge_and_unload()
@@ -53,8 +51,6 @@ def export_merged(config: GRPOImgConfig, adapter: str | Path, out: str | Path, o
         if not overwrite:
             raise ValueError(f"--out {out} is not empty: choose another folder, or pass --overwrite")
         log.warning("--overwrite: replacing the contents of %s", out)
-        import shutil
-
         shutil.rmtree(out)
     policy = merge_adapter(policies.build(config.policy, **config.policy_options), adapter)
     policy.save_pretrained(str(out))
@@ -109,12 +105,17 @@ def model_card(config: GRPOImgConfig, adapter: Path, out: Path, load_options: di
     else:
         evaluation = "The run did not evaluate (eval_steps: 0).\n"
     options = f", **{json.dumps(load_options)}" if load_options else ""
+    heads = config.train_image_heads and policies.policy_class(config.policy).modules_to_save
+    merged = f"the LoRA adapter (r {config.lora_r}, alpha {config.lora_alpha})" + \
+        (" and the image heads trained in full" if heads else "")
+    trained = f"{steps if steps is not None else 'unknown (the adapter is not inside a run folder)'}, " \
+        f"{config.num_generations} samples per prompt, learning rate {config.learning_rate}, beta {config.beta}, " \
+        f"loss `{config.loss_type}`"
     return f"""# {config.policy} fine-tuned with GRPO (grpo-img)
 
 - **Base model:** {base_description(config)}
-- **Family:** `{config.policy}`; the LoRA adapter (r {config.lora_r}, alpha {config.lora_alpha}){
-" and the image heads trained in full" if config.train_image_heads and policies.policy_class(config.policy).modules_to_save else ""} merged into the weights
-- **Steps:** {steps if steps is not None else "unknown (the adapter is not inside a run folder)"}, {config.num_generations} samples per prompt, learning rate {config.learning_rate}, beta {config.beta}, loss `{config.loss_type}`
+- **Family:** `{config.policy}`; {merged} merged into the weights
+- **Steps:** {trained}
 - **Sampling in training:** cfg_scale {config.cfg_scale}, temperature {config.temperature}, top_k {config.top_k}, top_p {config.top_p}
 
 ## Rewards
@@ -144,21 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     args = parser.parse_args(argv)
     try:
-        config = load_run_config(args.config)
+        config = load_config(args.config)  # YAML, a shipped name, or a run's config.json (JSON is YAML)
         out = export_merged(config, args.adapter, args.out, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     print(f"exported: {out} (model card: {out / 'README.md'})")
-
-
-def load_run_config(path: str) -> GRPOImgConfig:
-    """A YAML config (or a shipped config's name), or the config.json a run writes into its output folder."""
-    if str(path).endswith(".json"):
-        values = json.loads(Path(path).read_text())
-        config = GRPOImgConfig(**values)
-        config.validate()
-        return config
-    return load_config(path)
 
 
 if __name__ == "__main__":

@@ -67,8 +67,6 @@ def tracker_init_kwargs(names: list[str], output_dir: Path, run_id: str, resume_
         kwargs["wandb"] = {"id": run_id, "resume": "allow", "name": output_dir.name, "dir": str(output_dir)}
     if "trackio" in names:
         kwargs["trackio"] = {"name": f"{output_dir.name}-{run_id}", "resume": "allow"}
-    if "mlflow" in names:
-        kwargs["mlflow"] = {}
     return kwargs
 
 

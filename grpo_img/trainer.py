@@ -581,12 +581,13 @@ def train(config: GRPOImgConfig, resume: str | bool | None = None) -> Path:
         save_checkpoint(output_dir, config.max_steps, policy.peft_model, optimizer, scheduler, extra_state(),
                         config.save_total_limit, adapter_state, optimizer_state, config.to_dict())
         policy.peft_model.save_pretrained(output_dir / "adapter", state_dict=adapter_state)
-        plot_rewards(read_metrics(output_dir), output_dir / "reward_curve.png")
         try:  # the run is saved by now: a report that fails costs only the report
             report = write_report(output_dir)
+            shutil.copyfile(report.parent / "figures" / "rewards.png", output_dir / "reward_curve.png")
         except Exception as error:  # noqa: BLE001
             log.warning("the run report could not be written (%s); the run itself is complete", error)
             report = None
+            plot_rewards(read_metrics(output_dir), output_dir / "reward_curve.png")
         log.info("done: adapter in %s; report %s; reward curve %s%s", output_dir / "adapter", report,
                  output_dir / "reward_curve.png",
                  f"; tensorboard --logdir {output_dir / 'tensorboard'}" if "tensorboard" in trackers else "")

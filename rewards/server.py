@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     copies = [rewards.build(args.reward, **options, **({"device": d} if d is not None else {}))
               for d in devices for _ in range(args.workers_per_device)]
     try:
-        serving.serve(copies, args.reward, args.host, args.port, args.max_batch_size, args.batch_timeout, args.max_bytes,
-              args.max_pixels, args.request_timeout)
+        serving.serve(copies, args.reward, args.host, args.port, args.max_batch_size, args.batch_timeout,
+                      args.max_bytes, args.max_pixels, args.request_timeout)
     except KeyboardInterrupt:
         pass
 

@@ -26,8 +26,8 @@ def evaluated_run(tmp_path_factory):
     """Four steps of the demo with samples logged every other step and an evaluation every two steps."""
     out = tmp_path_factory.mktemp("report") / "run"
     config = load_config(None, {"output_dir": str(out), "max_steps": "4", "image_log_steps": "2", "save_steps": "0",
-                                "report_to": "none", "eval_steps": "2", "eval_prompts": '["a red image", "a blue image"]',
-                                "eval_num_images": "2"})
+                                "report_to": "none", "eval_steps": "2",
+                                "eval_prompts": '["a red image", "a blue image"]', "eval_num_images": "2"})
     train(config)
     return out
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -195,17 +196,60 @@ def clock(device: torch.device) -> Callable[[], float]:
     return time.perf_counter if device.type == "cuda" else time.process_time
 
 
+class Timing(NamedTuple):
+    seconds: float  # median over the timed rounds
+    result: object  # of the last run
+    peak_bytes: int  # of the warm-up run
+    step_ms: tuple[float, float] | None  # (start, end) of the image, from the warm-up run; None: not stamped
+
+
+class StepStamps:
+    """Stamps every forward of `module` (a decode step runs the first decoder layer once per forward) so that the
+    cost of a step at the start and at the end of an image can be read off one run. On CUDA each stamp
+    synchronises, so only an untimed run should be stamped."""
+
+    def __init__(self, module: nn.Module | None, device: torch.device) -> None:
+        self.module, self.device, self.stamps = module, device, []
+
+    def __enter__(self) -> "StepStamps":
+        def stamp(*_):
+            sync(self.device)
+            self.stamps.append(time.perf_counter())
+
+        self.handle = self.module.register_forward_hook(stamp) if self.module is not None else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+    def step_ms(self, tokens: int, window: int = 8) -> tuple[float, float] | None:
+        """Median ms per token over the first and last `window` tokens (forwards per token are counted from the
+        stamps: `generate` with unbatched CFG runs two); None when too few forwards were seen."""
+        per_token = round(len(self.stamps) / tokens) if tokens else 0
+        if per_token < 1 or len(self.stamps) < per_token * (2 * window + 2):
+            return None
+        starts = self.stamps[::per_token]
+        gaps = [1000 * (b - a) for a, b in zip(starts, starts[1:])]
+        return statistics.median(gaps[1 : window + 1]), statistics.median(gaps[-window:])
+
+
 def timed_interleaved(methods: dict[str, Callable[[], object]], device: torch.device, repeats: int,
-                      warmup: int = 1) -> dict[str, tuple[float, object, int]]:
+                      warmup: int = 1, step_module: nn.Module | None = None, tokens: int = 0,
+                      unstamped: tuple[str, ...] = ()) -> dict[str, Timing]:
     """Median seconds of each method over `repeats` rounds, the methods taking turns within a round so that load
-    changes hit them alike; returns name -> (seconds, last result, peak bytes of its warm-up run)."""
+    changes hit them alike. The warm-up run also gives the peak memory and, with `step_module` and `tokens` (per
+    image), ms per step at the start and end of the image (methods in `unstamped`, e.g. CUDA-graph replays that
+    a hook would break, are not stamped)."""
     now = clock(device)
-    peaks, results, times = {}, {}, {name: [] for name in methods}
+    peaks, results, steps, times = {}, {}, {}, {name: [] for name in methods}
     for name, fn in methods.items():
-        with PeakMemory(device) as memory:
+        stamped = step_module if name not in unstamped else None
+        with PeakMemory(device) as memory, StepStamps(stamped, device) as stamps:
             for _ in range(warmup):
+                stamps.stamps.clear()
                 results[name] = fn()
-        peaks[name] = memory.peak_bytes
+        peaks[name], steps[name] = memory.peak_bytes, stamps.step_ms(tokens) if stamped is not None else None
     for _ in range(repeats):
         for name, fn in methods.items():
             sync(device)
@@ -213,7 +257,7 @@ def timed_interleaved(methods: dict[str, Callable[[], object]], device: torch.de
             results[name] = fn()
             sync(device)
             times[name].append(now() - start)
-    return {name: (sorted(t)[len(t) // 2], results[name], peaks[name]) for name, t in times.items()}
+    return {name: Timing(sorted(t)[len(t) // 2], results[name], peaks[name], steps[name]) for name, t in times.items()}
 
 
 def measure_bandwidth(device: torch.device, megabytes: int | None = None, repeats: int = 10) -> float:

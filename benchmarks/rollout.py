@@ -296,18 +296,23 @@ def main(argv: list[str] | None = None) -> dict:
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"timing: median of {args.repeats} interleaved runs after a warm-up, "
           f"{'wall' if clock(device) is time.perf_counter else 'process CPU'} seconds; peak memory of the warm-up")
-    print(f"{'method':<28}{'seconds':>10}{'images/s':>10}{'tokens/s':>12}{'peak MiB':>10}{'roofline':>10}")
+    print(f"{'method':<28}{'seconds':>10}{'images/s':>10}{'tokens/s':>12}{'ms/step start':>15}{'end':>8}"
+          f"{'peak MiB':>10}{'roofline':>10}")
     results = {}
-    for name, (seconds, out, peak) in timed_interleaved(methods, device, args.repeats).items():
+    layers = policy.decoder_layers()
+    timings = timed_interleaved(methods, device, args.repeats, step_module=layers[0] if layers else None,
+                                tokens=tokens_per_image, unstamped=tuple(n for n in methods if "compiled" in n))
+    for name, (seconds, out, peak, step_ms) in timings.items():
         tokens = out.completion_ids if isinstance(out, Rollout) else out
         if tuple(tokens.shape) != (args.batch, tokens_per_image):
             raise RuntimeError(f"{name} produced tokens of shape {tuple(tokens.shape)}")
         roofline = step_bytes / (seconds / tokens_per_image) / bandwidth
         results[name] = dict(seconds=seconds, images_per_s=args.batch / seconds,
                              tokens_per_s=args.batch * tokens_per_image / seconds,
-                             peak_mib=peak / 2**20, roofline=roofline)
+                             peak_mib=peak / 2**20, roofline=roofline, step_ms=step_ms)
         r = results[name]
-        print(f"{name:<28}{seconds:>10.3f}{r['images_per_s']:>10.2f}{r['tokens_per_s']:>12.0f}"
+        start, end = (f"{step_ms[0]:.1f}", f"{step_ms[1]:.1f}") if step_ms else ("-", "-")
+        print(f"{name:<28}{seconds:>10.3f}{r['images_per_s']:>10.2f}{r['tokens_per_s']:>12.0f}{start:>15}{end:>8}"
               f"{r['peak_mib']:>10.0f}{roofline:>10.1%}")
     samplers = [n for n in results if n in ("sample", "sample_static", "sample_static_compiled")]
     best = min(samplers, key=lambda n: results[n]["seconds"])

@@ -132,7 +132,7 @@ class Planner:
 
         # the group shares its prompt's prefill
         decoder = CachedDecoder(lambda *args: policy.text_logits(*args)[:, -1], ids, mask, group_size,
-                                DynamicCache())
+                                DynamicCache(), max_new_tokens=width)
         ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
         logits = decoder.last
 

@@ -170,3 +170,45 @@ def test_reward_server_benchmark_runs_both_servers_and_prints_the_ratio():
     lines = done.stdout.strip().splitlines()
     assert re.match(r"stdlib +12 images in", lines[0]) and re.match(r"batching +12 images in .* reward calls", lines[1])
     assert re.fullmatch(r"batched_over_serial=\d+\.\d\d", lines[-1])
+
+
+def test_preallocated_cache_decodes_what_the_growing_dynamic_cache_decodes(janus):
+    """The default decode path keeps its KV cache in buffers sized once (no torch.cat per step): every step's hidden
+    state equals the one transformers' own DynamicCache gives on the same left-padded rows, the buffers keep their
+    storage across steps, and stepping past the size it was built for is an error, not a silent reallocation."""
+    from transformers import DynamicCache
+
+    from policies.base import CachedDecoder, PreallocatedLayer
+
+    ids, mask = janus.encode_prompts(PROMPTS)
+    ids, mask = janus.guidance_rows(ids, mask, True)
+    inputs = janus.context_inputs(ids)
+
+    def last_hidden(inputs, mask, positions, cache):
+        return janus.hidden_states(inputs, mask, positions, cache)[:, -1]
+
+    steps = 6
+    fast = CachedDecoder(last_hidden, inputs, mask, 2, DynamicCache(), max_new_tokens=steps)
+    layers = [layer for layer in fast.cache.layers]
+    assert all(isinstance(layer, PreallocatedLayer) for layer in layers)
+    storage = [layer.key_buffer.data_ptr() for layer in layers]
+    reference_cache = DynamicCache()
+    reference_mask = mask.repeat_interleave(2, 0)
+    reference = last_hidden(inputs, mask, mask.long().cumsum(-1).clamp(min=1) - 1, reference_cache)
+    reference_cache.batch_repeat_interleave(2)
+    reference = reference.repeat_interleave(2, 0)
+    torch.testing.assert_close(fast.last, reference, atol=0, rtol=0)
+    codes = torch.randint(0, 256, (len(reference_mask), steps), generator=torch.Generator().manual_seed(0))
+    for t in range(steps):
+        attended = torch.ones(len(reference_mask), dtype=torch.long)
+        attended[0] = t % 2  # a masked column (a finished row's padding) on one row
+        step_inputs = janus.image_inputs(codes[:, t : t + 1])
+        reference_mask = torch.cat([reference_mask, attended[:, None]], dim=1)
+        positions = (reference_mask.cumsum(-1)[:, -1:] - 1).clamp(min=0)
+        reference = last_hidden(step_inputs, reference_mask, positions, reference_cache)
+        torch.testing.assert_close(fast.step(step_inputs, attended), reference, atol=1e-6, rtol=1e-5)
+        assert torch.equal(fast.mask, reference_mask)
+    assert [layer.key_buffer.data_ptr() for layer in fast.cache.layers] == storage
+    assert fast.cache.layers[0].keys.shape[2] == mask.shape[1] + steps
+    with pytest.raises(RuntimeError, match="sized for"):
+        fast.step(janus.image_inputs(codes[:, :1]))

@@ -107,6 +107,90 @@ def build_janus_size(size: str, device: str, dtype: torch.dtype, compile_decode:
     return JanusPolicy(model, processor)
 
 
+# The other families at the mid shape (not releases): the mid text dimensions and each family's real image length
+# and codebook. Their image decoders stay tiny: a rollout benchmark never decodes.
+MID_TEXT = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                num_key_value_heads=16)
+FAMILY_MID = {
+    # BLIP3o-NEXT: Qwen3 (grouped-query attention, 8 KV heads here), 729 tokens (27x27) from TA-Tok's 65536 codes
+    "blip3o_next": dict(tokens=729, codebook=65536),
+    # Chameleon/Anole: 1024 tokens (32x32) from the release VQGAN's 8192 codes
+    "chameleon": dict(resolution=128, codebook=8192),
+    # Emu3: a 32x32 grid (32 rows of 32 codes + EOL, then EOF/EOI/EOS: 1060 tokens), the release's 32768 codes
+    "emu3": dict(resolution=256, codebook=32768),
+}
+
+
+def _built(make: Callable[[], nn.Module], device: str, dtype: torch.dtype, what: str) -> nn.Module:
+    """`make()` on `device` in `dtype`, refused first (on the meta device) if it would not fit."""
+    with torch.device("meta"):
+        need = sum(p.numel() for p in make().parameters()) * torch.finfo(dtype).bits // 8
+    check_fits(need, device, f"{what} in {dtype}")
+    with _default_dtype(dtype), torch.device(device):
+        model = make()
+    return model.requires_grad_(False).eval()
+
+
+def build_blip3o_next_size(size: str, device: str, dtype: torch.dtype):
+    """BLIP3o-NEXT at the mid shape: the tiny tokenizer and decoder, a mid Qwen3 whose vocabulary holds the real
+    codebook after the tokenizer's `<I0>` (ids past the tokenizer are never decoded as text while drawing)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from policies.blip3o_next import Blip3oNextPolicy
+    from policies.tiny import tiny_blip3o_next
+
+    if size != "mid":
+        raise SystemExit(f"unknown size {size!r} for blip3o_next; known: mid")
+    spec = FAMILY_MID["blip3o_next"]
+    small, tokenizer, decoder, ids, _ = tiny_blip3o_next()
+    config = Qwen3Config(**{**MID_TEXT, "num_key_value_heads": 8}, head_dim=64, max_position_embeddings=4096,
+                         vocab_size=ids["image_start_token_id"] + spec["codebook"], tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = _built(lambda: Qwen3ForCausalLM(config), device, dtype, "blip3o_next mid")
+    return Blip3oNextPolicy(model, tokenizer, decoder.to(device), ids=ids, tokens_per_image=spec["tokens"],
+                            codebook_size=spec["codebook"])
+
+
+def build_chameleon_size(size: str, device: str, dtype: torch.dtype):
+    """Chameleon/Anole at the mid shape: mid text dimensions, the release's 8192 IMGIMG tokens and a 32x32 grid
+    (its VQGAN decoder stays tiny in width)."""
+    from transformers import ChameleonForConditionalGeneration
+
+    from policies.chameleon import BOI_TOKEN, EOI_TOKEN, EOT_TOKEN, ChameleonPolicy, VQGANDecoder, _image_token_name
+    from policies.tiny import tiny_chameleon
+
+    if size != "mid":
+        raise SystemExit(f"unknown size {size!r} for chameleon; known: mid")
+    spec = FAMILY_MID["chameleon"]
+    with torch.device("meta"):  # only the config and tokenizer are kept from this one
+        small, tokenizer = tiny_chameleon(
+            [BOI_TOKEN, EOI_TOKEN, EOT_TOKEN, "<image>"], [_image_token_name(k) for k in range(spec["codebook"])],
+            extra_special={"boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN, "image_token": "<image>"},
+            text={**MID_TEXT, "max_position_embeddings": 4096}, resolution=spec["resolution"])
+    model = _built(lambda: ChameleonForConditionalGeneration(small.config), device, dtype, "chameleon mid")
+    with torch.device(device):
+        decoder = VQGANDecoder(model.config.vq_config)
+    return ChameleonPolicy(model, tokenizer, decoder)
+
+
+def build_emu3_size(size: str, device: str, dtype: torch.dtype):
+    """Emu3 at the mid shape: the tiny architecture with mid text dimensions and the release's codebook."""
+    from transformers import Emu3ForConditionalGeneration
+
+    from policies.emu3 import EOF_TOKEN, EOL_TOKEN, Emu3Policy
+    from policies.tiny import tiny_emu3
+
+    if size != "mid":
+        raise SystemExit(f"unknown size {size!r} for emu3; known: mid")
+    spec = FAMILY_MID["emu3"]
+    with torch.device("meta"):  # only the config and processor are kept from this one
+        small, processor = tiny_emu3(EOL_TOKEN, EOF_TOKEN, codes=spec["codebook"],
+                                     text={**MID_TEXT, "max_position_embeddings": 4096})
+    model = _built(lambda: Emu3ForConditionalGeneration(small.config), device, dtype, "emu3 mid")
+    return Emu3Policy(model, processor, resolution=spec["resolution"])
+
+
 def check_fits(weight_bytes: int, device: str, what: str, headroom: float = 1.3) -> None:
     """Exit with a clear message when the weights (times a working headroom) exceed the device's free memory."""
     if torch.device(device).type == "cuda":

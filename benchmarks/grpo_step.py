@@ -1,5 +1,8 @@
 """One GRPO step's time split and peak memory, through the trainer's own `grpo_step`.
 
+With `--rollout-chunks N` decoding and rewards overlap with sampling (the trainer's `rollout_chunks`): then the
+decode and reward figures are the background thread's and overlap the sample figure; the step time is the measure.
+
     python benchmarks/grpo_step.py --policy janus --tiny --group 8 --prompts 2
     python benchmarks/grpo_step.py --policy janus --size Janus-Pro-7B --group 16 --prompts 1 \
         --micro-batch 4 --gradient-checkpointing    # GPU: the "LoRA GRPO step with G=16 fits in 80 GB" check
@@ -64,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--static-cache", action="store_true", help="sample with the static-cache decode loop")
     parser.add_argument("--compile", action="store_true", help="and a compiled decode step (CUDA only)")
+    parser.add_argument("--rollout-chunks", type=int, default=1,
+                        help="sample in this many parts, decoding and rewarding each while the next samples")
     parser.add_argument("--steps", type=int, default=2, help="measured steps (after one warm-up step)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
             "per_device_train_batch_size": str(micro), "gradient_accumulation_steps": str(n // micro),
             "beta": str(args.beta), "lora_r": str(args.lora_r), "cfg_scale": str(args.cfg),
             "gradient_checkpointing": str(args.gradient_checkpointing).lower(), "output_dir": tmp,
-            "report_to": "none"})
+            "report_to": "none", "rollout_chunks": str(args.rollout_chunks)})
     accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu")
 
     # The trainer's own builders, with the model built by size where asked.
@@ -123,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"policy={args.policy} size={args.size or 'tiny'} params={params / 1e6:.1f}M "
           f"trainable={trainable / 1e6:.2f}M "
           f"prompts={args.prompts} group={args.group} micro_batch={micro} beta={args.beta} cfg={args.cfg} "
-          f"gradient_checkpointing={args.gradient_checkpointing} tokens_per_image={policy.num_completion_tokens}")
+          f"gradient_checkpointing={args.gradient_checkpointing} rollout_chunks={args.rollout_chunks} "
+          f"tokens_per_image={policy.num_completion_tokens}")
     print(f"{'part':<18}{'seconds':>10}{'share':>8}")
     for key in ("sample", "decode", "reward", "scoring_forward", "backward", "optimizer"):
         print(f"{key:<18}{mean[key]:>10.3f}{mean[key] / mean['step']:>8.1%}")

@@ -29,9 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 
 import policies
-from policies.base import Stream, process_logits, sample_from_logits
+from policies.base import Stream, position_ids_from_mask, process_logits, run_decoder, sample_from_logits
+from transformers import DynamicCache
 from benchmarks.common import (
+    FAMILY_MID,
     JANUS_SIZES,
+    build_blip3o_next_size,
+    build_chameleon_size,
+    build_emu3_size,
     build_janus_size,
     machine_name,
     measure_bandwidth,
@@ -178,6 +183,38 @@ def causal_lm_step_bytes(policy, rows: int, context: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Chameleon / Anole
+
+
+@torch.no_grad()
+def chameleon_plain_loop(policy, prompts: list[str], group_size: int, settings: SamplingSettings,
+                         seed: int) -> torch.Tensor:
+    """No `generate` can draw a Chameleon image (transformers' forward sets every image-token logit to finfo.min),
+    so the baseline is the KV-cache loop a user would write around the model: each prompt repeated per sample, its
+    conditional and unconditional (text masked) rows in one batch on transformers' DynamicCache, the full-vocabulary
+    `lm_head`, the image columns taken from it, CFG, `multinomial`."""
+    ids, mask = policy.encode_prompts(prompts)
+    ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+    n, guided = len(ids), settings.uses_cfg
+    ids, mask = policy.guidance_rows(ids, mask, guided)
+    image_ids = policy._image_ids.to(ids.device)
+    cache = DynamicCache(config=policy.model.config)
+    torch.manual_seed(seed)
+    hidden = run_decoder(policy.model.model, ids, mask, position_ids_from_mask(mask), cache)[:, -1]
+    tokens = []
+    for t in range(policy.num_image_tokens):
+        logits = policy.model.lm_head(hidden)[:, image_ids]
+        processed = process_logits(logits[:n], logits[n:] if guided else None, settings)
+        tokens.append(image_ids[torch.multinomial(processed.softmax(-1), 1).squeeze(-1)])
+        if t + 1 == policy.num_image_tokens:
+            break
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        step = tokens[-1].repeat(len(mask) // n)[:, None]
+        hidden = run_decoder(policy.model.model, step, mask, position_ids_from_mask(mask)[:, -1:], cache)[:, -1]
+    return torch.stack(tokens, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The family table
 
 
@@ -194,10 +231,14 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "janus": Family(generate=janus_generate, step_bytes=janus_step_bytes, build_size=build_janus_size,
                     sizes=JANUS_SIZES, ablations={"cfg_two_passes": janus_two_pass_sample}),
-    "emu3": Family(generate=emu3_generate, step_bytes=emu3_step_bytes),
-    "blip3o_next": Family(generate=blip3o_next_generate, step_bytes=causal_lm_step_bytes),
-    # chameleon: no `generate` baseline exists. transformers' Chameleon forward sets every image-token logit to
-    # finfo.min, so its generate cannot draw an image (policies/chameleon.py applies the image rows itself).
+    "emu3": Family(generate=emu3_generate, step_bytes=emu3_step_bytes, build_size=build_emu3_size,
+                   sizes={"mid": FAMILY_MID["emu3"]}),
+    "blip3o_next": Family(generate=blip3o_next_generate, step_bytes=causal_lm_step_bytes,
+                          build_size=build_blip3o_next_size, sizes={"mid": FAMILY_MID["blip3o_next"]}),
+    # chameleon: transformers' Chameleon forward sets every image-token logit to finfo.min, so its generate cannot
+    # draw an image; the baseline is a plain KV-cache loop (reported under the name "generate").
+    "chameleon": Family(generate=chameleon_plain_loop, step_bytes=causal_lm_step_bytes,
+                        build_size=build_chameleon_size, sizes={"mid": FAMILY_MID["chameleon"]}),
 }
 
 

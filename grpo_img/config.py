@@ -94,6 +94,9 @@ class GRPOImgConfig:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer update
     steps_per_generation: int | None = None  # micro-batches per rollout batch (default: gradient_accumulation_steps)
     num_iterations: int = 1  # passes over each rollout batch
+    # the rollout batch is sampled in this many parts (whole prompt groups); each part is decoded and rewarded in a
+    # background thread while the next part samples (1: sample, then decode, then reward, one after the other)
+    rollout_chunks: int = 1
 
     # -- GRPO loss (TRL GRPOConfig names and meanings; grpo_img/loss.py and docs/training.md list them) ---------
     loss_type: str = "dapo"  # grpo | dr_grpo | dapo | bnpo | cispo | sapo | luspo | vespo
@@ -191,6 +194,9 @@ class GRPOImgConfig:
             raise ValueError(
                 f"per_device_train_batch_size x steps_per_generation = {self.generation_batch_size} must be a "
                 f"multiple of num_generations = {self.num_generations} (whole groups per process)")
+        if self.rollout_chunks > self.prompts_per_step:
+            raise ValueError(f"rollout_chunks = {self.rollout_chunks} is more than the {self.prompts_per_step} prompts "
+                             "a process samples per step (a part holds whole prompt groups)")
         if self.steps_per_generation % self.gradient_accumulation_steps:
             raise ValueError("steps_per_generation must be a multiple of gradient_accumulation_steps")
         self.loss_settings()  # validates the loss fields
@@ -276,7 +282,7 @@ POSITIVE = ("learning_rate", "image_heads_learning_rate", "max_grad_norm", "adam
             "temperature", "entropy_coef_delta")
 AT_LEAST_ONE = ("max_steps", "num_iterations", "per_device_train_batch_size", "gradient_accumulation_steps",
                 "steps_per_generation", "lora_r", "lora_alpha", "logging_steps", "max_nonfinite_steps",
-                "max_reward_failure_steps", "plan_max_tokens", "eval_num_images", "num_generations")
+                "max_reward_failure_steps", "plan_max_tokens", "eval_num_images", "num_generations", "rollout_chunks")
 NON_NEGATIVE = ("beta", "weight_decay", "warmup_steps", "save_steps", "save_total_limit", "image_log_steps",
                 "eval_steps", "top_k", "plan_top_k", "entropy_coef_min", "entropy_target")
 UNIT_INTERVAL = ("adam_beta1", "adam_beta2")  # [0, 1)

@@ -5,12 +5,14 @@ family it trains: it talks to a `policies.Policy` and a `rewards.Reward`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -251,15 +253,77 @@ class ScoredBatch:
 def sample_and_score(policy: Policy, reward_fn: Reward, records: list[PromptRecord], config: GRPOImgConfig,
                      accelerator: Accelerator, generator: torch.Generator, seconds: dict) -> ScoredBatch:
     """Sample G images per prompt, decode and reward them (a think-then-draw plan reaches the reward as
-    metadata["plan"]); the time of each part is added to `seconds`."""
+    metadata["plan"]); the time of each part is added to `seconds`.
+
+    With `rollout_chunks` > 1 the prompts are sampled in that many parts, and each part is decoded and rewarded in
+    a background thread (on its own CUDA stream) while the next part samples: the decoder and the reward model then
+    work while the language model does. Sampling stays in order on the one generator, so a run is reproducible;
+    its tokens differ from an unchunked run's (the generator is drawn in another order), the distribution does not.
+    `seconds["decode"]` and `["reward"]` are then the background thread's time, partly hidden behind sampling."""
+    parts = _split_evenly(records, config.rollout_chunks)
+    if len(parts) == 1:
+        rollout = sample_rollout(policy, records, config, accelerator, generator, seconds)
+        return decode_and_score(policy, reward_fn, rollout, records, config, seconds)
+    side_stream = torch.cuda.Stream(accelerator.device) if accelerator.device.type == "cuda" else None
+    background_seconds = {"decode": 0.0, "reward": 0.0}
+
+    def in_background(rollout: Rollout, part: list[PromptRecord], images: list | None, ready) -> ScoredBatch:
+        with torch.no_grad(), (torch.cuda.stream(side_stream) if side_stream is not None else contextlib.nullcontext()):
+            if ready is not None:
+                side_stream.wait_event(ready)  # the part's tokens are written by the sampling stream
+            return decode_and_score(policy, reward_fn, rollout, part, config, background_seconds, images)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-and-reward") as pool:
+        pending = []
+        for part in parts:
+            rollout = sample_rollout(policy, part, config, accelerator, generator, seconds)
+            images = None
+            # a decode that runs the language model (it may toggle the adapter), or any decode under FSDP (layers
+            # are gathered and resharded while sampling), stays on this thread; the reward still overlaps
+            if policy.decode_reads_language_model or policy.lockstep:
+                t0 = time.perf_counter()
+                images = policy.decode(rollout)
+                seconds["decode"] += time.perf_counter() - t0
+            ready = torch.cuda.Event() if side_stream is not None else None
+            if ready is not None:
+                ready.record()
+            pending.append(pool.submit(in_background, rollout, part, images, ready))
+        scored = [future.result() for future in pending]
+    seconds["decode"] += background_seconds["decode"]
+    seconds["reward"] += background_seconds["reward"]
+    return ScoredBatch(
+        concat_rollouts([s.rollout for s in scored]), [image for s in scored for image in s.images],
+        torch.cat([s.rewards for s in scored]), sum(s.failures for s in scored), [r for s in scored for r in s.records],
+        {name: torch.cat([s.parts[name] for s in scored]) for name in scored[0].parts})
+
+
+def _split_evenly(records: list[PromptRecord], parts: int) -> list[list[PromptRecord]]:
+    """`records` in `parts` consecutive runs whose sizes differ by at most one (fewer when there are fewer)."""
+    parts = max(1, min(parts, len(records)))
+    size, extra = divmod(len(records), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [records[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def sample_rollout(policy: Policy, records: list[PromptRecord], config: GRPOImgConfig, accelerator: Accelerator,
+                   generator: torch.Generator, seconds: dict) -> Rollout:
+    """G samples per prompt, timed into `seconds["sample"]`."""
     t0 = time.perf_counter()
     policy.model.eval()
     with accelerator.autocast(), kept_gathered(policy.model, config.fsdp_gather_for_sampling):
         rollout = policy.sample([r.prompt for r in records], config.num_generations, cfg_scale=config.cfg_scale,
                                 temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                                 min_p=config.min_p, generator=generator)
+    seconds["sample"] += time.perf_counter() - t0
+    return rollout
+
+
+def decode_and_score(policy: Policy, reward_fn: Reward, rollout: Rollout, records: list[PromptRecord],
+                     config: GRPOImgConfig, seconds: dict, images: list[Image.Image] | None = None) -> ScoredBatch:
+    """Pixels (unless `images` are given) and rewards of a rollout, timed into `seconds["decode"]` and
+    `["reward"]`."""
     t1 = time.perf_counter()
-    images = policy.decode(rollout)
+    images = policy.decode(rollout) if images is None else images
     t2 = time.perf_counter()
     metadata = [record.metadata for record in records for _ in range(config.num_generations)]
     if rollout.plans is not None:
@@ -267,7 +331,6 @@ def sample_and_score(policy: Policy, reward_fn: Reward, records: list[PromptReco
     rewards, failures = score_with_isolation(reward_fn, images, rollout.prompts, metadata)
     parts = {name: torch.tensor(values, dtype=torch.float32)
              for name, values in getattr(reward_fn, "last_parts", {}).items()}
-    seconds["sample"] += t1 - t0
     seconds["decode"] += t2 - t1
     seconds["reward"] += time.perf_counter() - t2
     return ScoredBatch(rollout, images, rewards, failures, list(records), parts)

@@ -130,6 +130,7 @@ DIFFUSION_STEPS = 30
 
 class Blip3oNextPolicy(Policy):
     name = "blip3o_next"
+    decode_reads_language_model = True  # decoder_hidden_states: the LM's states drive Sana
     # self.model is the Qwen3 backbone only (the decoder lives outside it), so plain names are safe.
     lora_target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     # The image head: lm_head trained in full (peft modules_to_save) when `train_image_heads` is on. Only its

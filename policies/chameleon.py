@@ -141,6 +141,10 @@ class ChameleonPolicy(Policy):
             raise ValueError(f"the vocabulary has {len(image_ids)} IMGIMG tokens, the VQGAN {num_codes} codes")
         vocab_size = model.config.vocab_size
         self._image_ids = image_ids  # column j of the image head is BPE id image_ids[j]
+        # contiguous ids (the release's IMGIMG block is): the head's image rows are a view, not a gather per step
+        first = int(image_ids[0])
+        contiguous = torch.equal(image_ids, torch.arange(first, first + len(image_ids)))
+        self._image_rows = slice(first, first + len(image_ids)) if contiguous else None
         self._bpe_to_code = torch.full((vocab_size,), -1, dtype=torch.long).index_put_((image_ids,), codes)
         self._is_image = torch.zeros(vocab_size, dtype=torch.bool).index_fill_(0, image_ids, True)
         # Text steps may write what the release's text decoder allows (chameleon/inference/chameleon.py,
@@ -289,7 +293,8 @@ class ChameleonPolicy(Policy):
         """Logits over the image codes only (column j = BPE id `_image_ids[j]`): the image rows of `lm_head`
         applied to the hidden states, never the full vocabulary."""
         weight = self.model.lm_head.weight  # peft's modules_to_save wrapper resolves this to the active copy
-        return nn.functional.linear(hidden, weight[self._image_ids.to(weight.device)])
+        rows = self._image_rows if self._image_rows is not None else self._image_ids.to(weight.device)
+        return nn.functional.linear(hidden, weight[rows])
 
     def _text_step_logits(self, hidden: Tensor, boi_allowed: Tensor) -> Tensor:
         """Interleaved mode: full-vocabulary logits for text steps, with image tokens, EOI, pad (and BOI where not

@@ -167,13 +167,13 @@ def tiny_janus():
     return model, processor
 
 
-def tiny_emu3(eol_token: str, eof_token: str):
+def tiny_emu3(eol_token: str, eof_token: str, codes: int = 256, text: dict | None = None):
     """A tiny Emu3ForConditionalGeneration (~0.35M parameters), 256 codes.
 
     Its VQ decoder upsamples by 2 (the release: 8), so the tiny default grid of 4x4 (resolution 32) decodes to 8 px
-    images: a deeper decoder makes the palette fit (tiny_palette) several times slower.
+    images: a deeper decoder makes the palette fit (tiny_palette) several times slower. `codes` and `text` (text
+    config values) make larger random models of the same architecture for the benchmarks.
     """
-    codes = 256
     visual = [f"<|visual token {k:06d}|>" for k in range(codes)]
     specials = [eol_token, eof_token, "<|image start|>", "<|image end|>", "<|image token|>", "<image>",
                 *"0123456789*", *visual]
@@ -185,11 +185,11 @@ def tiny_emu3(eol_token: str, eof_token: str):
     # The released (GPT-style) tokenizer adds no BOS; Emu3Processor writes it into the text.
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
     config = Emu3Config(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0,
-                         initializer_range=EMU3_INIT_STD,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id),
+        text_config={**dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0,
+                            initializer_range=EMU3_INIT_STD,
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id), **(text or {})},
         vq_config=dict(codebook_size=codes, embed_dim=4, latent_channels=4, base_channels=32, hidden_size=32,
                        channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[],
                        temporal_downsample_factor=1),
@@ -201,21 +201,25 @@ def tiny_emu3(eol_token: str, eof_token: str):
     return model, processor
 
 
-def tiny_chameleon(specials: list[str], image_token_names: list[str], extra_special: dict):
+def tiny_chameleon(specials: list[str], image_token_names: list[str], extra_special: dict,
+                   text: dict | None = None, resolution: int = 32):
     """A ~0.3M-parameter ChameleonForConditionalGeneration: 64 image tokens (8x8 grid), 256 codes, 32 px images.
     `num_res_blocks=0` (one resnet block per decoder level) keeps the demo's palette fit short.
 
     The vocabulary holds the release's special tokens and IMGIMG names; `vocabulary_map` is the tokenizer's vocab,
-    as in transformers' conversion of the release.
+    as in transformers' conversion of the release. `text` (config values) and `resolution` (the VQ image side; the
+    grid is resolution / 4) make larger random models of the same architecture for the benchmarks.
     """
     num_codes = len(image_token_names)
     tokenizer = word_level_tokenizer(specials, words=list(TINY_WORDS) + image_token_names, extra_special=extra_special)
+    dims = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4), **(text or {})}
     config = ChameleonConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, vocabulary_map=dict(tokenizer.get_vocab()),
-        vq_config=dict(embed_dim=16, num_embeddings=num_codes, latent_channels=16, resolution=32, base_channels=32,
-                       channel_multiplier=[1, 1, 1], num_res_blocks=0),
+        vq_config=dict(embed_dim=16, num_embeddings=num_codes, latent_channels=16, resolution=resolution,
+                       base_channels=32, channel_multiplier=[1, 1, 1], num_res_blocks=0),
+        **dims,
     )
     return ChameleonForConditionalGeneration(config), tokenizer
 

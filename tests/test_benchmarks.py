@@ -76,6 +76,7 @@ def _run_script(name: str, args: list[str], monkeypatch, capsys) -> list[str]:
     ("janus", ("generate", "sample", "sample_static", "sample_prefill_per_sample", "sample_cfg_two_passes")),
     ("emu3", ("generate", "sample", "sample_prefill_per_sample")),
     ("blip3o_next", ("generate", "sample", "sample_prefill_per_sample")),
+    ("chameleon", ("generate", "sample", "sample_prefill_per_sample")),
 ])
 def test_rollout_benchmark_runs_and_prints_its_speedup(family, methods, monkeypatch, capsys):
     cfg = "1" if family == "blip3o_next" else "3"
@@ -84,6 +85,10 @@ def test_rollout_benchmark_runs_and_prints_its_speedup(family, methods, monkeypa
     table = "\n".join(lines)
     for method in methods:
         assert re.search(rf"^{method} +\d+\.\d+ ", table, re.M), method
+    # ms per step at the start and the end of the image, from the warm-up run (the tiny Emu3 and BLIP3o-NEXT
+    # images, 23 and 16 tokens, are too short for two windows of 8 steps)
+    if family in ("janus", "chameleon"):
+        assert re.search(r"^sample +\d+\.\d+ +\d+\.\d+ +\d+ +\d+\.\d +\d+\.\d ", table, re.M)
     assert re.fullmatch(r"speedup_vs_generate=\d+\.\d\d", lines[-1])
 
 
@@ -123,10 +128,10 @@ def test_scoring_memory_benchmark_runs_and_chunks_score_the_same(monkeypatch, ca
     assert re.fullmatch(r"restricted_over_full_memory=\d+\.\d\d", lines[-1])
 
 
-@pytest.mark.parametrize("family,cfg_scale", [("emu3", 3.0), ("blip3o_next", 1.0)])
+@pytest.mark.parametrize("family,cfg_scale", [("emu3", 3.0), ("blip3o_next", 1.0), ("chameleon", 3.0)])
 def test_other_families_generate_baselines_use_the_same_distribution(family, cfg_scale):
-    """With top_k=1, `generate` (Emu3: prefix constraint + unbatched CFG; BLIP3o-NEXT: plain, no CFG as released)
-    and `policy.sample` pick the same tokens on left-padded prompts, so the baseline samples what the policy does."""
+    """With top_k=1, `generate` (Emu3: prefix constraint + unbatched CFG; BLIP3o-NEXT: plain, no CFG as released;
+    Chameleon: the benchmark's plain KV-cache loop) and `policy.sample` pick the same tokens on left-padded prompts, so the baseline samples what the policy does."""
     sys.path.insert(0, str(ROOT))
     try:
         from benchmarks.rollout import FAMILIES
@@ -212,3 +217,44 @@ def test_preallocated_cache_decodes_what_the_growing_dynamic_cache_decodes(janus
     assert fast.cache.layers[0].keys.shape[2] == mask.shape[1] + steps
     with pytest.raises(RuntimeError, match="sized for"):
         fast.step(janus.image_inputs(codes[:, :1]))
+
+
+@pytest.mark.parametrize("family,tokens,codes", [("emu3", 32 * 33 + 3, 32768), ("chameleon", 1024, 8192),
+                                                  ("blip3o_next", 729, 65536)])
+def test_mid_sizes_build_the_real_image_length_and_codebook(family, tokens, codes):
+    """`--size mid` (hidden 1024, 8 layers) for the families beyond Janus: each one's real image length and
+    codebook, and a decode step that runs (a few steps of the engine on the built model)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.rollout import FAMILIES
+    finally:
+        sys.path.remove(str(ROOT))
+    policy = FAMILIES[family].build_size("mid", "cpu", torch.bfloat16)
+    assert policy.num_image_tokens == tokens
+    hidden = policy.decoder_layers()[0].mlp.gate_proj
+    assert (hidden.in_features, hidden.out_features, len(policy.decoder_layers())) == (1024, 2816, 8)
+    ids, mask = policy.encode_prompts(PROMPTS[:1])
+    logits = policy.image_logits(policy.hidden_states(policy.context_inputs(ids), mask, mask.cumsum(-1) - 1)[:, -1])
+    assert logits.shape == (1, codes)
+
+
+def test_a_bf16_model_on_cpu_decodes_over_a_float32_kv_cache():
+    """On CPU, bf16 decode steps attend over a float32 copy of the cache (PyTorch's bf16 CPU attention is the slower
+    one): the cache is float32, the model's attention setting is back to sdpa after sampling, and the sampled
+    distribution is the bf16 model's (log-probs close to its teacher-forced scoring, tokens as with a bf16 cache but
+    for rare last-bit flips)."""
+    from policies.base import Stream
+
+    policy = policies.build("janus", tiny=True, dtype="bfloat16")
+    ids, mask = policy.encode_prompts(PROMPTS)
+    decoder = policy.start_decoder(Stream(*policy.guidance_rows(ids, mask, True), 2), 4)
+    decoder.step(policy.image_inputs(torch.zeros(len(decoder.mask), 1, dtype=torch.long)))
+    assert decoder.cache.layers[0].keys.dtype == torch.float32
+    assert policy.model.config.text_config._attn_implementation == "sdpa"
+    fast = policy.sample(PROMPTS, 3, generator=torch.Generator().manual_seed(1))
+    assert policy.model.config.text_config._attn_implementation == "sdpa"
+    gap = (policy.token_logprobs(fast) - fast.logprobs).abs().mean()
+    assert gap < 0.05, gap
+    policy.half_kv_on_cpu = True
+    half = policy.sample(PROMPTS, 3, generator=torch.Generator().manual_seed(1))
+    assert (fast.completion_ids == half.completion_ids).float().mean() > 0.95

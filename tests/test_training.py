@@ -379,3 +379,70 @@ def test_resume_falls_back_from_a_corrupted_checkpoint(tmp_path, caplog):
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]  # resumed at step 1, ran 2 and 3
     with pytest.raises(ValueError, match="cannot be used: trainer_state.pt has"):
         train(fast_config(tmp_path, max_steps=4), resume=str(tmp_path / "run" / "checkpoint-2"))
+
+
+class ThreadRecordingReward(Reward):
+    """The color reward, noting which thread scored each call (the overlap must move scoring off the sampler's)."""
+
+    def __init__(self):
+        import rewards
+
+        self.inner, self.threads = rewards.build_composite([{"name": "color"}]), []
+
+    def __call__(self, images, prompts, metadata=None):
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        return self.inner(images, prompts, metadata)
+
+
+@pytest.mark.parametrize("policy_name", ["janus", "blip3o_next"])
+def test_rollout_chunks_overlap_decode_and_reward_with_sampling_and_keep_the_batch(tmp_path, policy_name):
+    """rollout_chunks=3: parts of whole groups, each rewarded in a background thread, the scored batch equal to
+    sampling the parts one after the other on the same generator and scoring each (BLIP3o-NEXT, whose decode runs
+    the language model, decodes on the sampling thread and is rewarded in the background)."""
+    from accelerate import Accelerator
+
+    from grpo_img.data import PromptRecord
+    from grpo_img.trainer import sample_and_score, setup_policy
+    from policies.base import concat_rollouts
+
+    config = demo_config(tmp_path, policy=policy_name, num_generations=2, per_device_train_batch_size=10,
+                         rollout_chunks=3)
+    accelerator = Accelerator(cpu=True)
+    policy = setup_policy(config, accelerator.device, policies.build(policy_name, tiny=True))
+    records = [PromptRecord(p, {"color": c}) for p, c in
+               [("a red image", "red"), ("a green image", "green"), ("a blue image", "blue"),
+                ("a red image", "red"), ("a green image", "green")]]
+    reward = ThreadRecordingReward()
+    seconds = {"sample": 0.0, "decode": 0.0, "reward": 0.0}
+    scored = sample_and_score(policy, reward, records, config, accelerator, torch.Generator().manual_seed(3),
+                              seconds)
+    assert len(reward.threads) == 3 and all(name.startswith("decode-and-reward") for name in reward.threads)
+    assert all(seconds[k] > 0 for k in seconds)
+
+    generator, parts = torch.Generator().manual_seed(3), [records[:2], records[2:4], records[4:]]
+    knobs = dict(cfg_scale=config.cfg_scale, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                 min_p=config.min_p)
+    rollouts = [policy.sample([r.prompt for r in part], 2, generator=generator, **knobs) for part in parts]
+    expected = concat_rollouts(rollouts)
+    assert torch.equal(scored.rollout.completion_ids, expected.completion_ids)
+    assert torch.equal(scored.rollout.group_index, torch.arange(5).repeat_interleave(2))
+    assert scored.rollout.prompts == expected.prompts and [r.prompt for r in scored.records] == \
+        [r.prompt for r in records]
+    images = [image for r in rollouts for image in policy.decode(r)]
+    assert [image.size for image in scored.images] == [image.size for image in images]
+    want = reward.inner(images, expected.prompts, [r.metadata for r in records for _ in range(2)])
+    torch.testing.assert_close(scored.rewards, torch.as_tensor(want, dtype=scored.rewards.dtype))
+
+
+def test_rollout_chunks_must_fit_the_prompts_of_a_step(tmp_path):
+    with pytest.raises(ValueError, match="rollout_chunks: must be >= 1"):
+        demo_config(tmp_path, rollout_chunks=0)
+    with pytest.raises(ValueError, match="more than the"):
+        demo_config(tmp_path, num_generations=4, per_device_train_batch_size=8, rollout_chunks=3)
+
+
+def test_a_run_with_rollout_chunks_trains(tmp_path):
+    out = train(demo_config(tmp_path, max_steps=2, rollout_chunks=2))
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]

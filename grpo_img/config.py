@@ -95,7 +95,8 @@ class GRPOImgConfig:
     steps_per_generation: int | None = None  # micro-batches per rollout batch (default: gradient_accumulation_steps)
     num_iterations: int = 1  # passes over each rollout batch
     # the rollout batch is sampled in this many parts (whole prompt groups); each part is decoded and rewarded in a
-    # background thread while the next part samples (1: sample, then decode, then reward, one after the other)
+    # background thread while the next part samples (1: sample, then decode, then reward, one after the other).
+    # Each part runs every decode step at 1/N of the rows: it pays only where a step is compute-bound (docs/training.md)
     rollout_chunks: int = 1
 
     # -- GRPO loss (TRL GRPOConfig names and meanings; grpo_img/loss.py and docs/training.md list them) ---------

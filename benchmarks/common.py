@@ -19,8 +19,11 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 from torch import nn
 
+from policies.blip3o_next import Blip3oNextPolicy
+from policies.chameleon import BOI_TOKEN, EOI_TOKEN, EOT_TOKEN, ChameleonPolicy, VQGANDecoder, _image_token_name
+from policies.emu3 import EOF_TOKEN, EOL_TOKEN, Emu3Policy
 from policies.janus import JanusPolicy
-from policies.tiny import JANUS_CHAT_TEMPLATE, word_level_tokenizer
+from policies.tiny import JANUS_CHAT_TEMPLATE, tiny_blip3o_next, tiny_chameleon, tiny_emu3, word_level_tokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sizes. Text dimensions as in the released configs; a benchmark never needs the real tokenizer, so prompts go
@@ -136,9 +139,6 @@ def build_blip3o_next_size(size: str, device: str, dtype: torch.dtype):
     codebook after the tokenizer's `<I0>` (ids past the tokenizer are never decoded as text while drawing)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from policies.blip3o_next import Blip3oNextPolicy
-    from policies.tiny import tiny_blip3o_next
-
     if size != "mid":
         raise SystemExit(f"unknown size {size!r} for blip3o_next; known: mid")
     spec = FAMILY_MID["blip3o_next"]
@@ -157,9 +157,6 @@ def build_chameleon_size(size: str, device: str, dtype: torch.dtype):
     (its VQGAN decoder stays tiny in width)."""
     from transformers import ChameleonForConditionalGeneration
 
-    from policies.chameleon import BOI_TOKEN, EOI_TOKEN, EOT_TOKEN, ChameleonPolicy, VQGANDecoder, _image_token_name
-    from policies.tiny import tiny_chameleon
-
     if size != "mid":
         raise SystemExit(f"unknown size {size!r} for chameleon; known: mid")
     spec = FAMILY_MID["chameleon"]
@@ -177,9 +174,6 @@ def build_chameleon_size(size: str, device: str, dtype: torch.dtype):
 def build_emu3_size(size: str, device: str, dtype: torch.dtype):
     """Emu3 at the mid shape: the tiny architecture with mid text dimensions and the release's codebook."""
     from transformers import Emu3ForConditionalGeneration
-
-    from policies.emu3 import EOF_TOKEN, EOL_TOKEN, Emu3Policy
-    from policies.tiny import tiny_emu3
 
     if size != "mid":
         raise SystemExit(f"unknown size {size!r} for emu3; known: mid")

@@ -47,7 +47,7 @@ def import_object(spec: str, what: str):
 
 
 # Options of the engine (policies/base.py), the same for every family.
-ENGINE_OPTIONS = ("static_cache", "compile_decode")
+ENGINE_OPTIONS = ("static_cache", "compile_decode", "layer_loop", "half_kv_on_cpu")
 
 
 def build(name: str, *, model_name_or_path: str | None = None, tiny: bool = False, device: str | None = None,

@@ -343,8 +343,12 @@ class Blip3oNextPolicy(Policy):
 
     # -- the engine's hooks (policies/base.py) ------------------------------------------------------------------
 
+    @property
+    def decoder_stack(self):
+        return self.model.model
+
     def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
-        return run_decoder(self.model.model, inputs, mask, positions, cache)
+        return run_decoder(self.decoder_stack, inputs, mask, positions, cache)
 
     def image_logits(self, hidden: Tensor) -> Tensor:
         """Logits at an image position: only the image-token rows of lm_head when restricted (never the full

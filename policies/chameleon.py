@@ -309,8 +309,12 @@ class ChameleonPolicy(Policy):
         fits = (self.num_image_tokens - t) >= self.grid * self.grid + 2
         return ~opened_before & fits
 
+    @property
+    def decoder_stack(self):
+        return self.model.model
+
     def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
-        return run_decoder(self.model.model, inputs, mask, positions, cache)
+        return run_decoder(self.decoder_stack, inputs, mask, positions, cache)
 
     def image_token_ids(self, index: Tensor) -> Tensor:
         return self._image_ids.to(index.device)[index]

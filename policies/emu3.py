@@ -285,8 +285,12 @@ class Emu3Policy(Policy):
     def cache_config(self):
         return self.model.config.text_config
 
+    @property
+    def decoder_stack(self):
+        return self.model.model.text_model
+
     def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
-        return run_decoder(self.model.model.text_model, inputs, mask, positions, cache)
+        return run_decoder(self.decoder_stack, inputs, mask, positions, cache)
 
     def visual_logits(self, hidden: Tensor) -> Tensor:
         """Logits over the codebook [..., K]: only the visual-token rows of lm_head (column k = code k)."""

@@ -41,6 +41,7 @@ class JanusPolicy(Policy):
     modules_to_save = ["generation_head"]
     # As released (deepseek-ai/Janus generation_inference.py): cfg_weight 5, temperature 1, no truncation.
     default_sampling = SamplingSettings(cfg_scale=5.0, temperature=1.0)
+    stack_takes_embeds = True  # image tokens come back through generation_embeddings + aligner
 
     def __init__(self, model, processor, decode_batch_size: int = 16):
         self.model = model
@@ -142,9 +143,13 @@ class JanusPolicy(Policy):
     def cache_config(self):
         return self.model.config.text_config
 
+    @property
+    def decoder_stack(self):
+        return self.model.model.language_model
+
     def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
         """The language model on embeddings (prompt embeddings, then image-token embeddings)."""
-        return run_decoder(self.model.model.language_model, inputs, mask, positions, cache, embeds=True)
+        return run_decoder(self.decoder_stack, inputs, mask, positions, cache, embeds=True)
 
     def context_inputs(self, ids: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(ids)

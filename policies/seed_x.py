@@ -193,9 +193,13 @@ class SeedXPolicy(Policy):
     def text_logits(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
         return self.model.lm_head(self.hidden_states(ids, mask, positions, cache))
 
+    @property
+    def decoder_stack(self):
+        return self.model.model
+
     def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
         """Final-layer hidden states (after the final norm, as the release's hidden_states[-1])."""
-        return run_decoder(self.model.model, inputs, mask, positions, cache)
+        return run_decoder(self.decoder_stack, inputs, mask, positions, cache)
 
     def image_logits(self, hidden: Tensor) -> Tensor:
         return self.model.lm_head(hidden)

@@ -261,3 +261,39 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_top_probability(tiny_policy)
     free = rollout.action_mask
     assert (scored - rollout.logprobs)[free].abs().max() <= 1e-4
     assert torch.isfinite(scored[free]).all()
+
+
+def test_decode_steps_through_the_layers_equal_the_stack_forward(tiny_policy):
+    """The engine's layer loop (decode steps call the language model's layers, not its forward) is on for every
+    family, and each step's hidden state is bitwise the forward's: on left-padded rows with a fed column left
+    unattended, and on rows without padding (where the loop is given no mask at all)."""
+    from transformers import DynamicCache
+
+    from policies.base import CachedDecoder, layer_loop
+
+    policy = tiny_policy
+    step = layer_loop(policy.decoder_stack, policy.stack_takes_embeds)
+    assert step is not None, f"{policy.name}: its decoder stack does not run the layer loop"
+
+    def last_hidden(inputs, mask, positions, cache):
+        return policy.hidden_states(inputs, mask, positions, cache)[:, -1]
+
+    kinds = set()
+    for prompts, guided in ((PROMPTS, True), (PROMPTS[1:], False)):
+        for stream in policy.image_streams(*policy.encode_prompts(prompts), 2, guided and policy.token_cfg):
+            inputs = policy.context_inputs(stream.ids)
+            decoders = [CachedDecoder(last_hidden, inputs, stream.mask, stream.repeats,
+                                      DynamicCache(config=policy.cache_config), max_new_tokens=4, step_forward=forward)
+                        for forward in (step, None)]
+            kinds.add(decoders[0].padded)
+            rows, choices = len(decoders[0].mask), policy.image_logits(decoders[0].last).shape[-1]
+            codes = torch.randint(0, choices, (rows, 4), generator=torch.Generator().manual_seed(0))
+            tokens = policy.image_token_ids(codes)
+            for t in range(4):
+                attended = None
+                if t == 2 and decoders[0].padded:
+                    attended = torch.ones(rows, dtype=torch.long)
+                    attended[0] = 0
+                got, expected = (d.step(policy.image_inputs(tokens[:, t : t + 1]), attended) for d in decoders)
+                assert torch.equal(got, expected), f"{policy.name}: step {t} differs by {(got - expected).abs().max()}"
+    assert kinds == {True, False}  # both the masked and the mask-free steps were compared

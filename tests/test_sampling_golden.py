@@ -10,6 +10,8 @@ import json
 import pytest
 import torch
 
+import policies
+
 from golden_sampling import CASES, GOLDEN, record
 
 RECORDED = json.loads(GOLDEN.read_text())
@@ -40,6 +42,25 @@ def test_every_family_samples_the_same_on_the_static_cache(tiny_policy):
     dynamic, static = draw(False), draw(True)
     assert torch.equal(dynamic.completion_ids, static.completion_ids)
     assert torch.allclose(dynamic.logprobs, static.logprobs, atol=1e-5)
+
+
+def test_every_family_samples_the_same_through_its_stack_forward(tiny_policy):
+    """`layer_loop=False` (decode steps through the stack's forward) draws exactly what the default layer loop
+    draws, for every family; the option travels through `build` like the other engine options."""
+    from conftest import PROMPTS
+
+    def draw():
+        return tiny_policy.sample(PROMPTS, 2, cfg_scale=3.0, top_k=16, generator=torch.Generator().manual_seed(4))
+
+    looped = draw()
+    tiny_policy.set_decoding(layer_loop=False)
+    try:
+        forward = draw()
+    finally:
+        tiny_policy.set_decoding(layer_loop=True)
+    assert torch.equal(looped.completion_ids, forward.completion_ids)
+    assert torch.equal(looped.logprobs, forward.logprobs)
+    assert not policies.build("janus", tiny=True, layer_loop=False, half_kv_on_cpu=True).layer_loop
 
 
 def test_chameleon_interleaved_samples_the_same_on_the_static_cache():

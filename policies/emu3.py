@@ -12,10 +12,14 @@ Release facts the code relies on (baaivision/Emu3 `image_generation.py`, transfo
 - Size: the grid is round(side / 8) per axis (VQ spatial factor 8). Emu3-Gen's default area 720x720 gives 90x90
   = 8193 tokens per image; RL here defaults to 512 px (Emu3's stage-1 resolution): 64x64 grid, 4163 tokens
   (4096 free choices + 64 EOL + 3 trailer tokens).
-- CFG as released: a negative prompt run as its own sequence with its own KV cache (unbatched CFG), and the guided
-  distribution s (log_softmax c - log_softmax u) + log_softmax u. We normalise both rows with log_softmax and hand
-  them to `process_logits`, which then applies the same u + s (c - u), temperature, top-k and top-p in sampling and
-  scoring alike. The release samples with top_k 2048; the policy leaves top-k to the run config.
+- CFG as released: a negative prompt, and the guided distribution s (log_softmax c - log_softmax u) +
+  log_softmax u. We normalise both rows with log_softmax and hand them to `process_logits`, which then applies the
+  same u + s (c - u), temperature, top-k and top-p in sampling and scoring alike. The release samples with top_k
+  2048; the policy leaves top-k to the run config. The release runs the negative prompt as its own sequence with
+  its own KV cache (transformers' unbatched-CFG logits processor, one extra forward per token); the sampler here
+  batches it below the conditional rows instead, left-padded to one width (`guidance_rows`): positions come from
+  the mask, so every row's distribution is the unbatched one (equal up to float rounding), and a step reads the
+  weights once instead of twice. Scoring still runs the negative rows as their own forward.
 - Pixels: the image processor's `postprocess` (unnormalise with mean/std 0.5, times 255, clip, `astype(uint8)`),
   i.e. (x + 1) / 2 * 255 truncated, not rounded (`truncated_pixels`).
 
@@ -312,12 +316,21 @@ class Emu3Policy(Policy):
     def forced_image_tokens(self) -> Tensor:
         return self.forced_tokens
 
-    def image_streams(self, ids: Tensor, mask: Tensor, repeats: int, guided: bool) -> list[Stream]:
-        """Unbatched CFG as released: the negative prompt is its own stream, prefilled once for every sample."""
-        streams = [Stream(ids, mask, repeats)]
-        if guided:
-            streams.append(Stream(*self.encode_negative_prompt(), len(ids) * repeats))
-        return streams
+    def guidance_rows(self, ids: Tensor, mask: Tensor, guided: bool) -> tuple[Tensor, Tensor]:
+        """Batched CFG (the release runs the negative prompt unbatched; module docstring): one negative-prompt row
+        per context row, below the conditional rows, both left-padded to one width. Positions come from the mask,
+        so the padding shifts nothing and each row's distribution is the unbatched one; one forward of 2N rows
+        reads the weights once a step where two forwards read them twice."""
+        if not guided:
+            return ids, mask
+        neg_ids, neg_mask = self.encode_negative_prompt()
+        width, pad = max(ids.shape[1], neg_ids.shape[1]), self.processor.tokenizer.pad_token_id
+
+        def left_pad(t: Tensor, value: int) -> Tensor:
+            return F.pad(t.expand(len(ids), -1), (width - t.shape[1], 0), value=value)
+
+        return (torch.cat([left_pad(ids, pad), left_pad(neg_ids, pad)]),
+                torch.cat([left_pad(mask, 0), left_pad(neg_mask, 0)]))
 
     def scoring_streams(self, rollout: Rollout, ids: Tensor, mask: Tensor, guided: bool) -> list[Stream]:
         """Scoring uses exactly the negative rows the samples were drawn with (kept in the rollout)."""

@@ -263,15 +263,24 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_top_probability(tiny_policy)
     assert torch.isfinite(scored[free]).all()
 
 
-def test_decode_steps_through_the_layers_equal_the_stack_forward(tiny_policy):
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+def test_decode_steps_through_the_layers_equal_the_stack_forward(tiny_policy, policy_name, lora):
     """The engine's layer loop (decode steps call the language model's layers, not its forward) is on for every
     family, and each step's hidden state is bitwise the forward's: on left-padded rows with a fed column left
-    unattended, and on rows without padding (where the loop is given no mask at all)."""
+    unattended, and on rows without padding (where the loop is given no mask at all); with a LoRA adapter whose
+    update is not zero, too (the loop calls the wrapped layers)."""
     from transformers import DynamicCache
 
     from policies.base import CachedDecoder, layer_loop
 
     policy = tiny_policy
+    if lora:
+        policy = build_tiny(policy_name)
+        policy.add_lora(r=4)
+        with torch.no_grad():
+            for name, weight in policy.model.named_parameters():
+                if "lora_B" in name:
+                    weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     step = layer_loop(policy.decoder_stack, policy.stack_takes_embeds)
     assert step is not None, f"{policy.name}: its decoder stack does not run the layer loop"
 
@@ -297,3 +306,15 @@ def test_decode_steps_through_the_layers_equal_the_stack_forward(tiny_policy):
                 got, expected = (d.step(policy.image_inputs(tokens[:, t : t + 1]), attended) for d in decoders)
                 assert torch.equal(got, expected), f"{policy.name}: step {t} differs by {(got - expected).abs().max()}"
     assert kinds == {True, False}  # both the masked and the mask-free steps were compared
+    if lora:  # the update is not zero, so the comparisons above ran a live adapter: without it the states differ
+        ids, mask = policy.encode_prompts(PROMPTS)
+        inputs = policy.context_inputs(ids)
+        def start():
+            return CachedDecoder(last_hidden, inputs, mask, 1, DynamicCache(config=policy.cache_config),
+                                 max_new_tokens=1, step_forward=step)
+
+        adapted = start()
+        with policy.reference():
+            base = start()
+            base_step = base.step(policy.image_inputs(tokens[: len(ids), :1]))
+        assert not torch.equal(adapted.step(policy.image_inputs(tokens[: len(ids), :1])), base_step)

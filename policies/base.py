@@ -238,7 +238,8 @@ def process_logits(cond: Tensor, uncond: Tensor | None, settings: SamplingSettin
     if uncond is not None and settings.uses_cfg:
         uncond = uncond.float()
         logits = uncond + settings.cfg_scale * (logits - uncond)
-    logits = logits / settings.temperature
+    if settings.temperature != 1.0:  # x / 1 is x exactly: skip a pass over [B, V]
+        logits = logits / settings.temperature
     if kept is not None and settings.truncates:
         return keep_most_likely(logits, kept)
     if settings.top_k > 0 and settings.top_k < logits.shape[-1]:
@@ -281,7 +282,8 @@ def truncated_pixels(x: Tensor) -> Tensor:
 def sample_from_logits(logits: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """Draw one token per row from processed logits [B, V]; returns (tokens [B], log-probs [B])."""
     logprobs = torch.log_softmax(logits, dim=-1)
-    if not torch.isfinite(logprobs.logsumexp(-1)).all():
+    # a row's largest log-prob is finite iff the row is a distribution (NaN, +inf or all -inf logits make it NaN)
+    if not torch.isfinite(logprobs.amax(-1)).all():
         raise FloatingPointError("non-finite logits while sampling: the model's weights or activations hold NaN/inf "
                                  "(diverged training, or an fp16 overflow)")
     tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)

@@ -318,3 +318,21 @@ def test_decode_steps_through_the_layers_equal_the_stack_forward(tiny_policy, po
             base = start()
             base_step = base.step(policy.image_inputs(tokens[: len(ids), :1]))
         assert not torch.equal(adapted.step(policy.image_inputs(tokens[: len(ids), :1])), base_step)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "all -inf"])
+def test_sampling_from_non_finite_logits_is_a_clear_error(bad):
+    """A NaN, a +inf, or a row with every token masked out is an error naming the cause, not a token drawn from
+    garbage; -inf entries beside finite ones are ordinary truncation."""
+    from policies.base import sample_from_logits
+
+    logits = torch.randn(3, 16)
+    logits[0, :4] = float("-inf")  # truncated: fine
+    tokens, logprobs = sample_from_logits(logits, torch.Generator().manual_seed(0))
+    assert (tokens[0] >= 4) and torch.isfinite(logprobs).all()
+    if bad == "all -inf":
+        logits[1] = float("-inf")
+    else:
+        logits[1, 5] = bad
+    with pytest.raises(FloatingPointError, match="non-finite logits"):
+        sample_from_logits(logits, torch.Generator().manual_seed(0))

@@ -10,7 +10,8 @@ are written once, here, as templates over small family hooks:
                      distribution) -> plan span prepended when there is one
 
 A family implements: `encode_prompts`, `guidance_rows` (or `image_streams`, for a separate negative prompt),
-`hidden_states` (its language model), `image_logits` (its image head), optionally `forced_image_tokens`,
+`hidden_states` (its language model) and `decoder_stack` (the transformers stack that runs it, for the
+engine's layer loop), `image_logits` (its image head), optionally `forced_image_tokens`,
 `context_inputs` / `image_inputs` (embeddings instead of ids), `image_token_ids` / `image_choice_index` (where its
 image codes sit in the vocabulary), `rollout_extras`, and `decode`. Think-then-draw is attached from outside
 (`policies/plan.py`, through `set_plan`); the family only provides text hooks (`text_logits`, ...).

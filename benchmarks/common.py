@@ -282,6 +282,7 @@ class Timing(NamedTuple):
     result: object  # of the last run
     peak_bytes: int  # of the warm-up run
     step_ms: tuple[float, float] | None  # (start, end) of the image, from the warm-up run; None: not stamped
+    wall_seconds: float  # median wall time over the same rounds (equal to `seconds` on CUDA)
 
 
 class StepStamps:
@@ -323,7 +324,8 @@ def timed_interleaved(methods: dict[str, Callable[[], object]], device: torch.de
     image), ms per step at the start and end of the image (methods in `unstamped`, e.g. CUDA-graph replays that
     a hook would break, are not stamped)."""
     now = clock(device)
-    peaks, results, steps, times = {}, {}, {}, {name: [] for name in methods}
+    peaks, results, steps = {}, {}, {}
+    times, walls = {name: [] for name in methods}, {name: [] for name in methods}
     for name, fn in methods.items():
         stamped = step_module if name not in unstamped else None
         with PeakMemory(device) as memory, StepStamps(stamped, device) as stamps:
@@ -334,11 +336,17 @@ def timed_interleaved(methods: dict[str, Callable[[], object]], device: torch.de
     for _ in range(repeats):
         for name, fn in methods.items():
             sync(device)
-            start = now()
+            start, wall = now(), time.perf_counter()
             results[name] = fn()
             sync(device)
             times[name].append(now() - start)
-    return {name: Timing(sorted(t)[len(t) // 2], results[name], peaks[name], steps[name]) for name, t in times.items()}
+            walls[name].append(time.perf_counter() - wall)
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    return {name: Timing(median(times[name]), results[name], peaks[name], steps[name], median(walls[name]))
+            for name in methods}
 
 
 def measure_bandwidth(device: torch.device, megabytes: int | None = None, repeats: int = 10) -> float:

@@ -10,8 +10,8 @@ are written once, here, as templates over small family hooks:
                      distribution) -> plan span prepended when there is one
 
 A family implements: `encode_prompts`, `guidance_rows` (or `image_streams`, for a separate negative prompt),
-`hidden_states` (its language model) and `decoder_stack` (the transformers stack that runs it, for the
-engine's layer loop), `image_logits` (its image head), optionally `forced_image_tokens`,
+`decoder_stack` (its language model's transformers stack, which `hidden_states` runs and the engine's layer
+loop steps through), `image_logits` (its image head), optionally `forced_image_tokens`,
 `context_inputs` / `image_inputs` (embeddings instead of ids), `image_token_ids` / `image_choice_index` (where its
 image codes sit in the vocabulary), `rollout_extras`, and `decode`. Think-then-draw is attached from outside
 (`policies/plan.py`, through `set_plan`); the family only provides text hooks (`text_logits`, ...).
@@ -311,6 +311,20 @@ def run_decoder(decoder: nn.Module, inputs: Tensor, mask: Tensor, positions: Ten
                    cache=cache, use_cache=cache is not None).last_hidden_state
 
 
+def rows_below(ids: Tensor, mask: Tensor, below_ids: Tensor, below_mask: Tensor, pad_id: int
+               ) -> tuple[Tensor, Tensor]:
+    """`ids`/`mask` [B, L] with a copy of the one-row `below_ids`/`below_mask` [1, Q] under each row, both
+    left-padded (`pad_id`, mask 0) to one width: batched guidance rows for a fixed unconditional prompt. Positions
+    come from the mask, so the padding shifts nothing."""
+    width = max(ids.shape[1], below_ids.shape[1])
+
+    def left_pad(t: Tensor, value: int) -> Tensor:
+        return nn.functional.pad(t.expand(len(ids), -1), (width - t.shape[1], 0), value=value)
+
+    return (torch.cat([left_pad(ids, pad_id), left_pad(below_ids, pad_id)]),
+            torch.cat([left_pad(mask, 0), left_pad(below_mask, 0)]))
+
+
 def check_cfg_mode(cfg_mode: str) -> None:
     if cfg_mode not in ("mixture", "conditional"):
         raise ValueError(f"cfg_mode must be 'mixture' or 'conditional', got {cfg_mode!r}")
@@ -572,16 +586,17 @@ class Policy(ABC):
     def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """The family's image-generation prompts (ending where the first image token follows), left-padded."""
 
+    @property
     @abstractmethod
+    def decoder_stack(self) -> nn.Module | None:
+        """The transformers decoder model (embeddings, layers, final norm) of the language model: `hidden_states`
+        runs it, and the engine's `layer_loop` calls its layers. None for a family that overrides `hidden_states`
+        with something else (its decode steps then run `hidden_states`)."""
+
     def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
         """Final hidden states [B, L, D] of the language model on `inputs` (ids, or what `context_inputs` /
-        `image_inputs` make of them), updating `cache` when given."""
-
-    @property
-    def decoder_stack(self) -> nn.Module | None:
-        """The transformers decoder model (embeddings, layers, final norm) that `hidden_states` runs, for the
-        engine's `layer_loop`; None: the decode steps run `hidden_states`."""
-        return None
+        `image_inputs` make of them, with `stack_takes_embeds`), updating `cache` when given."""
+        return run_decoder(self.decoder_stack, inputs, mask, positions, cache, embeds=self.stack_takes_embeds)
 
     @abstractmethod
     def image_logits(self, hidden: Tensor) -> Tensor:

@@ -108,7 +108,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from policies import tiny as toy
-from policies.base import Policy, Rollout, SamplingSettings, draw_seeds, position_ids_from_mask, run_decoder
+from policies.base import Policy, Rollout, SamplingSettings, draw_seeds, position_ids_from_mask, rows_below
 from policies.checkpoints.blip3o_next import (CONNECTOR_PREFIX, DEFAULT_DIFFUSION_REPO, SANA_CONFIG_DIR, SANA_PREFIX,
                                               VAE_CONFIG_DIR, VAE_PREFIX, load_blip3o_next)
 from policies.modules.sana_decoder import DiffusionDecoder
@@ -328,27 +328,14 @@ class Blip3oNextPolicy(Policy):
             return ids, mask
         if self._uncond_ids is None:
             self._uncond_ids = self._tokenize([self.format_prompt("")])[0][0].cpu()
-        uncond = self._uncond_ids.to(ids.device)
-        width = max(ids.shape[1], len(uncond))
-        pad = self.tokenizer.pad_token_id
-
-        def left_pad(x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
-            extra = width - x.shape[1]
-            return (torch.cat([x.new_full((len(x), extra), pad), x], 1), torch.cat([m.new_zeros(len(m), extra), m], 1))
-
-        ids, mask = left_pad(ids, mask)
-        u_ids, u_mask = left_pad(uncond.expand(len(ids), -1), torch.ones(len(ids), len(uncond), dtype=mask.dtype,
-                                                                         device=mask.device))
-        return torch.cat([ids, u_ids]), torch.cat([mask, u_mask])
+        uncond = self._uncond_ids.to(ids.device)[None]
+        return rows_below(ids, mask, uncond, torch.ones_like(uncond, dtype=mask.dtype), self.tokenizer.pad_token_id)
 
     # -- the engine's hooks (policies/base.py) ------------------------------------------------------------------
 
     @property
-    def decoder_stack(self):
+    def decoder_stack(self) -> nn.Module:
         return self.model.model
-
-    def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
-        return run_decoder(self.decoder_stack, inputs, mask, positions, cache)
 
     def image_logits(self, hidden: Tensor) -> Tensor:
         """Logits at an image position: only the image-token rows of lm_head when restricted (never the full

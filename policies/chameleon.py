@@ -84,7 +84,7 @@ from trl.trainer.utils import selective_log_softmax
 
 from policies import tiny as toy
 from policies.base import (ImageSample, Policy, Rollout, SamplingSettings, entropy_of_logits, kept_counts,
-                           position_ids_from_mask, process_logits, run_decoder, sample_from_logits)
+                           position_ids_from_mask, process_logits, sample_from_logits)
 from policies.checkpoints.vqgan import (VQGAN_FILENAME, default_vqgan_path, load_vqgan_decoder,
                                        save_vqgan_decoder)
 from policies.modules.vqgan import VQGANDecoder
@@ -310,11 +310,8 @@ class ChameleonPolicy(Policy):
         return ~opened_before & fits
 
     @property
-    def decoder_stack(self):
+    def decoder_stack(self) -> nn.Module:
         return self.model.model
-
-    def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
-        return run_decoder(self.decoder_stack, inputs, mask, positions, cache)
 
     def image_token_ids(self, index: Tensor) -> Tensor:
         return self._image_ids.to(index.device)[index]

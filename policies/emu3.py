@@ -70,11 +70,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from policies import tiny as toy
-from policies.base import Policy, Rollout, SamplingSettings, Stream, run_decoder, truncated_pixels
+from policies.base import Policy, Rollout, SamplingSettings, Stream, rows_below, truncated_pixels
 
 RELEASE_NEGATIVE_PROMPT = (
     "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst quality, "
@@ -290,11 +290,8 @@ class Emu3Policy(Policy):
         return self.model.config.text_config
 
     @property
-    def decoder_stack(self):
+    def decoder_stack(self) -> nn.Module:
         return self.model.model.text_model
-
-    def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
-        return run_decoder(self.decoder_stack, inputs, mask, positions, cache)
 
     def visual_logits(self, hidden: Tensor) -> Tensor:
         """Logits over the codebook [..., K]: only the visual-token rows of lm_head (column k = code k)."""
@@ -323,14 +320,7 @@ class Emu3Policy(Policy):
         reads the weights once a step where two forwards read them twice."""
         if not guided:
             return ids, mask
-        neg_ids, neg_mask = self.encode_negative_prompt()
-        width, pad = max(ids.shape[1], neg_ids.shape[1]), self.processor.tokenizer.pad_token_id
-
-        def left_pad(t: Tensor, value: int) -> Tensor:
-            return F.pad(t.expand(len(ids), -1), (width - t.shape[1], 0), value=value)
-
-        return (torch.cat([left_pad(ids, pad), left_pad(neg_ids, pad)]),
-                torch.cat([left_pad(mask, 0), left_pad(neg_mask, 0)]))
+        return rows_below(ids, mask, *self.encode_negative_prompt(), self.processor.tokenizer.pad_token_id)
 
     def scoring_streams(self, rollout: Rollout, ids: Tensor, mask: Tensor, guided: bool) -> list[Stream]:
         """Scoring uses exactly the negative rows the samples were drawn with (kept in the rollout)."""

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from policies import tiny as toy
-from policies.base import Policy, Rollout, SamplingSettings, run_decoder, truncated_pixels
+from policies.base import Policy, Rollout, SamplingSettings, truncated_pixels
 
 RELEASE_PAD_TOKEN = "<｜▁pad▁｜>"  # the release's pad token (DeepSeek tokenizer), named so in its processor
 
@@ -144,12 +144,9 @@ class JanusPolicy(Policy):
         return self.model.config.text_config
 
     @property
-    def decoder_stack(self):
+    def decoder_stack(self) -> nn.Module:
+        """The language model (fed embeddings: prompt embeddings, then image-token embeddings)."""
         return self.model.model.language_model
-
-    def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
-        """The language model on embeddings (prompt embeddings, then image-token embeddings)."""
-        return run_decoder(self.decoder_stack, inputs, mask, positions, cache, embeds=True)
 
     def context_inputs(self, ids: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(ids)

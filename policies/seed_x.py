@@ -61,8 +61,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from policies import tiny as toy
-from policies.base import (ImageSample, Policy, Rollout, SamplingSettings, draw_seeds, position_ids_from_mask,
-                           run_decoder)
+from policies.base import ImageSample, Policy, Rollout, SamplingSettings, draw_seeds, position_ids_from_mask
 from policies.checkpoints.seed_x import (AGENT_FILE, CONFIG_FILE, DETOKENIZER_FILE, NEGATIVE_FILE, TOKENIZER_DIR,
                                          is_kv_weight, load_released)
 from policies.modules.seed_x import NUM_IMAGE_TOKENS, OutputResampler, ResamplerXLV2, SeedXConfig
@@ -194,12 +193,10 @@ class SeedXPolicy(Policy):
         return self.model.lm_head(self.hidden_states(ids, mask, positions, cache))
 
     @property
-    def decoder_stack(self):
+    def decoder_stack(self) -> nn.Module:
+        """The language model; its output is the final-layer hidden states after the final norm, as the release's
+        hidden_states[-1]."""
         return self.model.model
-
-    def hidden_states(self, inputs: Tensor, mask: Tensor, positions: Tensor, cache=None) -> Tensor:
-        """Final-layer hidden states (after the final norm, as the release's hidden_states[-1])."""
-        return run_decoder(self.decoder_stack, inputs, mask, positions, cache)
 
     def image_logits(self, hidden: Tensor) -> Tensor:
         return self.model.lm_head(hidden)

@@ -281,14 +281,26 @@ def truncated_pixels(x: Tensor) -> Tensor:
 
 
 def sample_from_logits(logits: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Draw one token per row from processed logits [B, V]; returns (tokens [B], log-probs [B])."""
+    """Draw one token per row from processed logits [B, V]; returns (tokens [B], log-probs [B]).
+
+    The draw is `torch.multinomial(probs, 1)`'s own exponential race (argmax of p / q, q ~ Exp(1) drawn from
+    `generator`: the same tokens and generator state, tested), written out without multinomial's input checks or a
+    finiteness check of ours: nothing here reads a value back from the device, so on CUDA the decode loop never
+    waits for the GPU between steps (a check per step is a host sync per step). A row that is not a distribution
+    (NaN or +inf logits, every token masked out) gets a NaN log-prob instead; the loop calls `check_sampled` on its
+    log-probs once, at the end."""
     logprobs = torch.log_softmax(logits, dim=-1)
-    # a row's largest log-prob is finite iff the row is a distribution (NaN, +inf or all -inf logits make it NaN)
-    if not torch.isfinite(logprobs.amax(-1)).all():
+    race = torch.empty_like(logprobs).exponential_(1, generator=generator)
+    tokens = logprobs.exp().div_(race).argmax(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def check_sampled(logprobs: Tensor) -> None:
+    """Raise where a sampled log-prob is not finite: that step's logits were not a distribution (see
+    `sample_from_logits`; a drawn token's log-prob is otherwise finite). One host sync, after a sampling loop."""
+    if not torch.isfinite(logprobs).all():
         raise FloatingPointError("non-finite logits while sampling: the model's weights or activations hold NaN/inf "
                                  "(diverged training, or an fp16 overflow)")
-    tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def entropy_of_logits(logits: Tensor) -> Tensor:
@@ -766,6 +778,7 @@ class Policy(ABC):
                 break
             for decoder in decoders:
                 decoder.step(self.image_inputs(tokens[:, t : t + 1].repeat(len(decoder.mask) // n, 1)))
+        check_sampled(logprobs)
         return ImageSample(tokens, free.expand(n, -1).clone(), logprobs, kept=kept)
 
     def start_decoder(self, stream: Stream, max_new_tokens: int, index: int = 0) -> CachedDecoder:

@@ -322,17 +322,75 @@ def test_decode_steps_through_the_layers_equal_the_stack_forward(tiny_policy, po
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "all -inf"])
 def test_sampling_from_non_finite_logits_is_a_clear_error(bad):
-    """A NaN, a +inf, or a row with every token masked out is an error naming the cause, not a token drawn from
-    garbage; -inf entries beside finite ones are ordinary truncation."""
-    from policies.base import sample_from_logits
+    """A NaN, a +inf, or a row with every token masked out gives that row a NaN log-prob, which `check_sampled`
+    turns into an error naming the cause; -inf entries beside finite ones are ordinary truncation."""
+    from policies.base import check_sampled, sample_from_logits
 
     logits = torch.randn(3, 16)
     logits[0, :4] = float("-inf")  # truncated: fine
     tokens, logprobs = sample_from_logits(logits, torch.Generator().manual_seed(0))
     assert (tokens[0] >= 4) and torch.isfinite(logprobs).all()
+    check_sampled(logprobs)
     if bad == "all -inf":
         logits[1] = float("-inf")
     else:
         logits[1, 5] = bad
+    tokens, logprobs = sample_from_logits(logits, torch.Generator().manual_seed(0))
+    assert torch.isfinite(logprobs[[0, 2]]).all() and logprobs[1].isnan()
+    assert ((tokens >= 0) & (tokens < 16)).all()  # still a valid index: the next step can be fed without a crash
     with pytest.raises(FloatingPointError, match="non-finite logits"):
-        sample_from_logits(logits, torch.Generator().manual_seed(0))
+        check_sampled(logprobs)
+
+
+def test_a_policy_with_nan_weights_fails_its_rollout_clearly():
+    """The check runs once after the decode loop, and it does run: NaN in the image head is a FloatingPointError
+    from `sample`, not a rollout of garbage tokens."""
+    policy = policies.build("janus", tiny=True)
+    with torch.no_grad():
+        policy.model.model.generation_head.vision_head.weight[3, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite logits"):
+        sample(policy, group_size=2)
+
+
+def test_sampling_draws_torch_multinomials_tokens():
+    """`sample_from_logits` is multinomial's one-sample exponential race written out: over many distributions (with
+    truncated entries) the same tokens as `torch.multinomial` and the same generator state after, so the golden
+    recordings and every seed's rollout are unchanged. If torch changes its draw, this fails first."""
+    from policies.base import sample_from_logits
+
+    for seed in range(60):
+        vocab = (7, 256, 16384)[seed % 3]
+        logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(1000 + seed)) * 3
+        if seed % 2:
+            logits[:, : vocab // 3] = float("-inf")
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        tokens, logprobs = sample_from_logits(logits, ours)
+        expected = torch.multinomial(torch.log_softmax(logits, -1).exp(), 1, generator=theirs).squeeze(-1)
+        assert torch.equal(tokens, expected), seed
+        assert torch.equal(ours.get_state(), theirs.get_state())
+        assert torch.equal(logprobs, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1))
+
+
+def test_a_rollout_does_not_read_back_from_the_device_every_step(tiny_policy):
+    """No value is read back to the host per decode step (`.item()`, `bool(tensor)`: on CUDA each is a sync that
+    stalls the loop until the GPU catches up). Counted on CPU at the dispatcher: a few reads per rollout (the last
+    free position, whether the prompts are padded, the finiteness check at the end), not one per token. A plan
+    stops when every row has finished, which is one read per plan token by design."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountReads(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountReads.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    planned = tiny_policy.planner.settings.max_tokens if tiny_policy.planner is not None else 0
+    with CountReads():
+        sample(tiny_policy, group_size=2)
+    forced = tiny_policy.forced_image_tokens
+    free = tiny_policy.num_image_tokens if forced is None else int((forced < 0).sum())
+    # one read per step would be one per sampled token: 16 or more in every family's image (SEED-X samples a plan)
+    assert free >= 16 or planned
+    assert CountReads.reads < 16 + planned, f"{CountReads.reads} reads for {free} sampled image tokens"

@@ -325,9 +325,9 @@ def run_decoder(decoder: nn.Module, inputs: Tensor, mask: Tensor, positions: Ten
 
 def rows_below(ids: Tensor, mask: Tensor, below_ids: Tensor, below_mask: Tensor, pad_id: int
                ) -> tuple[Tensor, Tensor]:
-    """`ids`/`mask` [B, L] with a copy of the one-row `below_ids`/`below_mask` [1, Q] under each row, both
-    left-padded (`pad_id`, mask 0) to one width: batched guidance rows for a fixed unconditional prompt. Positions
-    come from the mask, so the padding shifts nothing."""
+    """`ids`/`mask` [B, L] with `below_ids`/`below_mask` [B, Q] (or one row [1, Q], copied under each row) below
+    them, both left-padded (`pad_id`, mask 0) to one width: batched guidance rows. Positions come from the mask, so
+    the padding shifts nothing."""
     width = max(ids.shape[1], below_ids.shape[1])
 
     def left_pad(t: Tensor, value: int) -> Tensor:

@@ -19,7 +19,7 @@ Release facts the code relies on (baaivision/Emu3 `image_generation.py`, transfo
   its own KV cache (transformers' unbatched-CFG logits processor, one extra forward per token); the sampler here
   batches it below the conditional rows instead, left-padded to one width (`guidance_rows`): positions come from
   the mask, so every row's distribution is the unbatched one (equal up to float rounding), and a step reads the
-  weights once instead of twice. Scoring still runs the negative rows as their own forward.
+  weights once instead of twice. Scoring batches them the same way (`scoring_streams`).
 - Pixels: the image processor's `postprocess` (unnormalise with mean/std 0.5, times 255, clip, `astype(uint8)`),
   i.e. (x + 1) / 2 * 255 truncated, not rounded (`truncated_pixels`).
 
@@ -32,9 +32,9 @@ Deliberate choices:
   to the final hidden states (a slice, no copy), so full-vocabulary (~184k) logits are never materialised; the
   distribution is the release's one (its prefix constraint also allows only visual tokens there).
 - Positions come from the attention mask (cumsum - 1), in sampling and scoring, as Emu3's `generate` does.
-- Scoring runs the transformer once per row set (conditional, negative) and then applies the head in chunks of
-  `score_chunk_size` positions, each chunk under activation checkpointing when gradients are on, so only the hidden
-  states are kept for backward and the [N, chunk, 32768] logits exist one chunk at a time.
+- Scoring runs the transformer once over both row sets (conditional, negative) and then applies the head in
+  chunks of `score_chunk_size` positions, each chunk under activation checkpointing when gradients are on, so only
+  the hidden states are kept for backward and the [N, chunk, 32768] logits exist one chunk at a time.
 - No image head is trained in full (`modules_to_save` is empty): the visual rows live inside the ~184k-row
   `lm_head` (0.75B parameters at 8B), and peft's modules_to_save would copy and train all of it (Adam states
   included) to move 32768 rows. LoRA on the language model moves the hidden states that those rows read.
@@ -323,11 +323,13 @@ class Emu3Policy(Policy):
         return rows_below(ids, mask, *self.encode_negative_prompt(), self.processor.tokenizer.pad_token_id)
 
     def scoring_streams(self, rollout: Rollout, ids: Tensor, mask: Tensor, guided: bool) -> list[Stream]:
-        """Scoring uses exactly the negative rows the samples were drawn with (kept in the rollout)."""
-        streams = [Stream(ids, mask, 1)]
-        if guided:
-            streams.append(Stream(rollout.extras["negative_ids"], rollout.extras["negative_mask"], 1))
-        return streams
+        """Scoring uses exactly the negative rows the samples were drawn with (kept in the rollout), batched below
+        the conditional rows as sampling batches them (`guidance_rows`): one teacher-forced forward of 2N rows
+        instead of two of N, so the weights are read once."""
+        if not guided:
+            return [Stream(ids, mask, 1)]
+        negative = rollout.extras["negative_ids"], rollout.extras["negative_mask"]
+        return [Stream(*rows_below(ids, mask, *negative, self.processor.tokenizer.pad_token_id), 1)]
 
     def rollout_extras(self, n: int, generator: torch.Generator | None) -> dict:
         neg_ids, neg_mask = self.encode_negative_prompt()

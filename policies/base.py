@@ -287,18 +287,18 @@ def sample_from_logits(logits: Tensor, generator: torch.Generator | None) -> tup
     `generator`: the same tokens and generator state, tested), written out without multinomial's input checks or a
     finiteness check of ours: nothing here reads a value back from the device, so on CUDA the decode loop never
     waits for the GPU between steps (a check per step is a host sync per step). A row that is not a distribution
-    (NaN or +inf logits, every token masked out) gets a NaN log-prob instead; the loop calls `check_sampled` on its
-    log-probs once, at the end."""
+    (NaN or +inf logits, every token masked out) gets a NaN log-prob instead; `Policy.sample` checks the rollout's
+    log-probs once, at the end (`check_sampled`)."""
     logprobs = torch.log_softmax(logits, dim=-1)
     race = torch.empty_like(logprobs).exponential_(1, generator=generator)
     tokens = logprobs.exp().div_(race).argmax(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def check_sampled(logprobs: Tensor) -> None:
+def check_sampled(*logprobs: Tensor) -> None:
     """Raise where a sampled log-prob is not finite: that step's logits were not a distribution (see
-    `sample_from_logits`; a drawn token's log-prob is otherwise finite). One host sync, after a sampling loop."""
-    if not torch.isfinite(logprobs).all():
+    `sample_from_logits`; a drawn token's log-prob is otherwise finite). One host sync per tensor, after sampling."""
+    if not all(torch.isfinite(part).all() for part in logprobs):
         raise FloatingPointError("non-finite logits while sampling: the model's weights or activations hold NaN/inf "
                                  "(diverged training, or an fp16 overflow)")
 
@@ -727,6 +727,7 @@ class Policy(ABC):
         settings = self.sampling_settings(cfg_scale, temperature, top_k, top_p, min_p)
         contexts = self.image_contexts(prompts, group_size, generator)
         image = self.sample_image(contexts.ids, contexts.mask, contexts.repeats, settings, generator)
+        check_sampled(image.logprobs, *([contexts.plan.logprobs] if contexts.plan is not None else []))
         extras = {**image.extras, **self.rollout_extras(len(contexts.prompt_ids), generator)}
         return self.make_rollout(prompts, group_size, contexts, image, settings, extras)
 
@@ -778,7 +779,6 @@ class Policy(ABC):
                 break
             for decoder in decoders:
                 decoder.step(self.image_inputs(tokens[:, t : t + 1].repeat(len(decoder.mask) // n, 1)))
-        check_sampled(logprobs)
         return ImageSample(tokens, free.expand(n, -1).clone(), logprobs, kept=kept)
 
     def start_decoder(self, stream: Stream, max_new_tokens: int, index: int = 0) -> CachedDecoder:

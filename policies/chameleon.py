@@ -83,8 +83,8 @@ from torch import Tensor, nn
 from trl.trainer.utils import selective_log_softmax
 
 from policies import tiny as toy
-from policies.base import (ImageSample, Policy, Rollout, SamplingSettings, check_sampled, entropy_of_logits,
-                           kept_counts, position_ids_from_mask, process_logits, sample_from_logits)
+from policies.base import (ImageSample, Policy, Rollout, SamplingSettings, entropy_of_logits, kept_counts,
+                           position_ids_from_mask, process_logits, sample_from_logits)
 from policies.checkpoints.vqgan import (VQGAN_FILENAME, default_vqgan_path, load_vqgan_decoder,
                                        save_vqgan_decoder)
 from policies.modules.vqgan import VQGANDecoder
@@ -388,7 +388,6 @@ class ChameleonPolicy(Policy):
                 feed = torch.cat([feed, feed])
                 new_mask = torch.cat([new_mask, self.unconditional_mask(step_tokens[:, None], new_mask)])
             decoder.step(feed, new_mask[:, 0])
-        check_sampled(logprobs)
         free = completion_mask.bool() & (tokens != self.eoi_id)
         return ImageSample(tokens, free, logprobs, {"completion_mask": completion_mask},
                            kept=kept if settings.truncates else None)

@@ -37,7 +37,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from trl.trainer.utils import selective_log_softmax
 
-from policies.base import (CachedDecoder, ImageContexts, PlanBatch, Policy, Rollout, SamplingSettings, check_sampled,
+from policies.base import (CachedDecoder, ImageContexts, PlanBatch, Policy, Rollout, SamplingSettings,
                            entropy_of_logits, kept_counts, position_ids_from_mask, process_logits,
                            sample_from_logits)
 
@@ -153,7 +153,6 @@ class Planner:
                 break
             # finished rows keep stepping with a masked pad, so that every row's cache has the same length
             logits = decoder.step(span[:, t : t + 1], written)
-        check_sampled(logprobs)
 
         written = self.plan_written(span)
         texts = policy.plan_tokenizer.batch_decode(span.masked_fill(~written | torch.isin(span, stop_ids), pad),

@@ -238,23 +238,32 @@ def test_mid_sizes_build_the_real_image_length_and_codebook(family, tokens, code
     assert logits.shape == (1, codes)
 
 
-def test_a_bf16_model_on_cpu_decodes_over_a_float32_kv_cache():
-    """On CPU, bf16 decode steps attend over a float32 copy of the cache (PyTorch's bf16 CPU attention is the slower
-    one): the cache is float32, the model's attention setting is back to sdpa after sampling, and the sampled
-    distribution is the bf16 model's (log-probs close to its teacher-forced scoring, tokens as with a bf16 cache but
-    for rare last-bit flips)."""
+def test_a_bf16_model_on_cpu_decodes_over_a_float32_kv_cache_unless_the_cpu_has_amx(monkeypatch):
+    """On a CPU without AMX, bf16 decode steps attend over a float32 copy of the cache (PyTorch's bf16 CPU attention
+    is the slower one there): the cache is float32, the model's attention setting is back to sdpa after sampling,
+    and the sampled distribution is the bf16 model's (log-probs close to its teacher-forced scoring, tokens as with a
+    bf16 cache but for rare last-bit flips). With AMX the cache stays bf16 (the bf16 kernel is the faster one)."""
+    import policies.base
     from policies.base import Stream
 
     policy = policies.build("janus", tiny=True, dtype="bfloat16")
     ids, mask = policy.encode_prompts(PROMPTS)
-    decoder = policy.start_decoder(Stream(*policy.guidance_rows(ids, mask, True), 2), 4)
-    decoder.step(policy.image_inputs(torch.zeros(len(decoder.mask), 1, dtype=torch.long)))
-    assert decoder.cache.layers[0].keys.dtype == torch.float32
+
+    def cache_dtype() -> torch.dtype:
+        decoder = policy.start_decoder(Stream(*policy.guidance_rows(ids, mask, True), 2), 4)
+        decoder.step(policy.image_inputs(torch.zeros(len(decoder.mask), 1, dtype=torch.long)))
+        return decoder.cache.layers[0].keys.dtype
+
+    monkeypatch.setattr(policies.base, "cpu_has_amx", lambda: True)
+    assert cache_dtype() == torch.bfloat16
+    monkeypatch.setattr(policies.base, "cpu_has_amx", lambda: False)
+    assert cache_dtype() == torch.float32
     assert policy.model.config.text_config._attn_implementation == "sdpa"
     fast = policy.sample(PROMPTS, 3, generator=torch.Generator().manual_seed(1))
     assert policy.model.config.text_config._attn_implementation == "sdpa"
     gap = (policy.token_logprobs(fast) - fast.logprobs).abs().mean()
     assert gap < 0.05, gap
     policy.half_kv_on_cpu = True
+    assert cache_dtype() == torch.bfloat16
     half = policy.sample(PROMPTS, 3, generator=torch.Generator().manual_seed(1))
     assert (fast.completion_ids == half.completion_ids).float().mean() > 0.95

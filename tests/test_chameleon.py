@@ -193,7 +193,7 @@ def interleaved():
     with torch.no_grad():
         hidden = policy.hidden_states(ids, mask, position_ids_from_mask(mask))[mask.bool()]
         direction = hidden.mean(0)
-        policy.model.lm_head.weight[policy.boi_id] = 5.0 * direction / direction.norm() ** 2  # BOI logit about 5
+        policy.model.lm_head.weight[policy.boi_id] = 3.0 * direction / direction.norm() ** 2  # BOI logit about 3
     return policy
 
 

@@ -352,23 +352,57 @@ def test_a_policy_with_nan_weights_fails_its_rollout_clearly():
         sample(policy, group_size=2)
 
 
-def test_sampling_draws_torch_multinomials_tokens():
-    """`sample_from_logits` is multinomial's one-sample exponential race written out: over many distributions (with
-    truncated entries) the same tokens as `torch.multinomial` and the same generator state after, so the golden
-    recordings and every seed's rollout are unchanged. If torch changes its draw, this fails first."""
+def chi_square_critical(df: int, z: float = 3.719) -> float:
+    """The chi-square quantile at upper tail ~1e-4 (Wilson-Hilferty; z is the normal quantile)."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+@pytest.mark.parametrize("vocab,masked,spread,bins", [(7, 0, 1.0, None), (300, 100, 2.0, None), (16384, 4096, 1.0, 64)])
+def test_sampling_draws_the_softmax_distribution(vocab, masked, spread, bins):
+    """`sample_from_logits` (inverse CDF) samples the softmax of its logits: a chi-square goodness-of-fit test over
+    many draws from fixed logits at a fixed seed (per token, or per group of `bins` consecutive tokens for the
+    16k codebook), masked tokens never drawn, the log-prob exactly the log-softmax at the drawn token, and the same
+    tokens again from the same seed."""
     from policies.base import sample_from_logits
 
-    for seed in range(60):
-        vocab = (7, 256, 16384)[seed % 3]
-        logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(1000 + seed)) * 3
-        if seed % 2:
-            logits[:, : vocab // 3] = float("-inf")
-        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-        tokens, logprobs = sample_from_logits(logits, ours)
-        expected = torch.multinomial(torch.log_softmax(logits, -1).exp(), 1, generator=theirs).squeeze(-1)
-        assert torch.equal(tokens, expected), seed
-        assert torch.equal(ours.get_state(), theirs.get_state())
-        assert torch.equal(logprobs, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1))
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(vocab)) * spread
+    logits[:masked] = float("-inf")
+    probs = torch.softmax(logits.double(), -1)
+    rows = 20_000 if vocab < 1000 else 1_000
+    generator = torch.Generator().manual_seed(7)
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    for _ in range(10 if vocab < 1000 else 20):
+        batch = logits.expand(rows, -1)
+        tokens, logprobs = sample_from_logits(batch, generator)
+        assert torch.equal(logprobs, torch.log_softmax(batch, -1).gather(-1, tokens[:, None]).squeeze(-1))
+        counts += torch.bincount(tokens, minlength=vocab).double()
+    assert counts[:masked].sum() == 0, "a masked-out token was drawn"
+    observed, expected = counts[masked:], probs[masked:] * counts.sum()
+    if bins is not None:
+        observed, expected = observed.view(bins, -1).sum(-1), expected.view(bins, -1).sum(-1)
+    rare = expected < 5  # pooled into one bin, so that the chi-square approximation holds
+    if rare.any():
+        observed = torch.cat([observed[~rare], observed[rare].sum(0, keepdim=True)])
+        expected = torch.cat([expected[~rare], expected[rare].sum(0, keepdim=True)])
+    statistic = ((observed - expected) ** 2 / expected).sum().item()
+    assert statistic < chi_square_critical(len(expected) - 1), statistic
+    again, _ = sample_from_logits(logits.expand(8, -1), torch.Generator().manual_seed(3))
+    assert torch.equal(again, sample_from_logits(logits.expand(8, -1), torch.Generator().manual_seed(3))[0])
+
+
+def test_the_goodness_of_fit_test_rejects_a_wrong_sampler():
+    """The test above has power: draws from a slightly wrong distribution (one token's logit moved by 0.1, its
+    probability ~10% off) fail it."""
+    from policies.base import sample_from_logits
+
+    logits = torch.randn(7, generator=torch.Generator().manual_seed(7))
+    wrong = logits.clone()
+    wrong[3] += 0.1
+    generator = torch.Generator().manual_seed(7)
+    counts = sum(torch.bincount(sample_from_logits(wrong.expand(20_000, -1), generator)[0], minlength=7).double()
+                 for _ in range(10))
+    expected = torch.softmax(logits.double(), -1) * counts.sum()
+    assert ((counts - expected) ** 2 / expected).sum().item() > chi_square_critical(6)
 
 
 def test_a_rollout_does_not_read_back_from_the_device_every_step(tiny_policy):

@@ -31,7 +31,7 @@ def sample(policy, seed=0, group_size=3, **settings):
 
 
 def test_rollout_layout_and_action_mask(planner):
-    rollout = sample(planner)
+    rollout = sample(planner, seed=1)
     plan_width = PLAN.max_tokens
     image_tokens = planner.num_image_tokens
     assert rollout.num_plan_tokens == plan_width and planner.num_completion_tokens == plan_width + image_tokens

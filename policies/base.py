@@ -24,6 +24,7 @@ Release sampling settings live in each family's `default_sampling`; a setting le
 from __future__ import annotations
 
 import contextlib
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
 import logging
@@ -298,8 +299,8 @@ def sample_from_logits(logits: Tensor, generator: torch.Generator | None) -> tup
     (`check_sampled`)."""
     logprobs = torch.log_softmax(logits, dim=-1)
     cumulative = torch.cumsum(logprobs.exp(), dim=-1, dtype=torch.float64)
-    u = torch.rand(len(logits), 1, dtype=torch.float64, device=logits.device, generator=generator)
-    u = u.mul_(cumulative[:, -1:])
+    u = torch.rand(len(logits), 1, dtype=torch.float64, device=logits.device, generator=generator).mul_(
+        cumulative[:, -1:])
     # clamp: a NaN row's search may land past the end; its NaN log-prob reports it
     tokens = torch.searchsorted(cumulative, u, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
@@ -377,6 +378,7 @@ def _sdpa_float32_kv(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     return out.to(query.dtype), weights
 
 
+@functools.cache  # the CPU does not change: probe once, not at every rollout's decoder start
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later). PyTorch's CPU flash-attention kernel runs bf16
     on them (brgemm), and there the bf16 cache is the faster one at q_len 1: 16 rows x 16 heads x 600 positions,

@@ -357,6 +357,24 @@ def chi_square_critical(df: int, z: float = 3.719) -> float:
     return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
 
 
+def drawn_counts(logits: torch.Tensor, rows: int, calls: int, generator: torch.Generator) -> torch.Tensor:
+    """How often `sample_from_logits` draws each token of `logits` [V] in `calls` calls of `rows` rows each; every
+    call's log-probs must be exactly the log-softmax at the drawn tokens."""
+    from policies.base import sample_from_logits
+
+    counts = torch.zeros(len(logits), dtype=torch.float64)
+    batch = logits.expand(rows, -1)
+    for _ in range(calls):
+        tokens, logprobs = sample_from_logits(batch, generator)
+        assert torch.equal(logprobs, torch.log_softmax(batch, -1).gather(-1, tokens[:, None]).squeeze(-1))
+        counts += torch.bincount(tokens, minlength=len(logits)).double()
+    return counts
+
+
+def chi_square(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((observed - expected) ** 2 / expected).sum().item()
+
+
 @pytest.mark.parametrize("vocab,masked,spread,bins", [(7, 0, 1.0, None), (300, 100, 2.0, None), (16384, 4096, 1.0, 64)])
 def test_sampling_draws_the_softmax_distribution(vocab, masked, spread, bins):
     """`sample_from_logits` (inverse CDF) samples the softmax of its logits: a chi-square goodness-of-fit test over
@@ -368,14 +386,8 @@ def test_sampling_draws_the_softmax_distribution(vocab, masked, spread, bins):
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(vocab)) * spread
     logits[:masked] = float("-inf")
     probs = torch.softmax(logits.double(), -1)
-    rows = 20_000 if vocab < 1000 else 1_000
-    generator = torch.Generator().manual_seed(7)
-    counts = torch.zeros(vocab, dtype=torch.float64)
-    for _ in range(10 if vocab < 1000 else 20):
-        batch = logits.expand(rows, -1)
-        tokens, logprobs = sample_from_logits(batch, generator)
-        assert torch.equal(logprobs, torch.log_softmax(batch, -1).gather(-1, tokens[:, None]).squeeze(-1))
-        counts += torch.bincount(tokens, minlength=vocab).double()
+    rows, calls = (20_000, 10) if vocab < 1000 else (1_000, 20)
+    counts = drawn_counts(logits, rows, calls, torch.Generator().manual_seed(7))
     assert counts[:masked].sum() == 0, "a masked-out token was drawn"
     observed, expected = counts[masked:], probs[masked:] * counts.sum()
     if bins is not None:
@@ -384,7 +396,7 @@ def test_sampling_draws_the_softmax_distribution(vocab, masked, spread, bins):
     if rare.any():
         observed = torch.cat([observed[~rare], observed[rare].sum(0, keepdim=True)])
         expected = torch.cat([expected[~rare], expected[rare].sum(0, keepdim=True)])
-    statistic = ((observed - expected) ** 2 / expected).sum().item()
+    statistic = chi_square(observed, expected)
     assert statistic < chi_square_critical(len(expected) - 1), statistic
     again, _ = sample_from_logits(logits.expand(8, -1), torch.Generator().manual_seed(3))
     assert torch.equal(again, sample_from_logits(logits.expand(8, -1), torch.Generator().manual_seed(3))[0])
@@ -393,16 +405,11 @@ def test_sampling_draws_the_softmax_distribution(vocab, masked, spread, bins):
 def test_the_goodness_of_fit_test_rejects_a_wrong_sampler():
     """The test above has power: draws from a slightly wrong distribution (one token's logit moved by 0.1, its
     probability ~10% off) fail it."""
-    from policies.base import sample_from_logits
-
     logits = torch.randn(7, generator=torch.Generator().manual_seed(7))
     wrong = logits.clone()
     wrong[3] += 0.1
-    generator = torch.Generator().manual_seed(7)
-    counts = sum(torch.bincount(sample_from_logits(wrong.expand(20_000, -1), generator)[0], minlength=7).double()
-                 for _ in range(10))
-    expected = torch.softmax(logits.double(), -1) * counts.sum()
-    assert ((counts - expected) ** 2 / expected).sum().item() > chi_square_critical(6)
+    counts = drawn_counts(wrong, 20_000, 10, torch.Generator().manual_seed(7))
+    assert chi_square(counts, torch.softmax(logits.double(), -1) * counts.sum()) > chi_square_critical(6)
 
 
 def test_a_rollout_does_not_read_back_from_the_device_every_step(tiny_policy):

@@ -7,8 +7,9 @@ subprocess of the benchmarks that already exist so that one failure does not hid
 - one GRPO step of Janus-Pro-7B with LoRA and G 16: its time split and peak memory (benchmarks/grpo_step.py).
 Every part's output is printed as it comes; the last line is the summary, `gpu_suite ...`.
 
-`--tiny` runs the same parts on the tiny test model on the CPU: the test suite runs it, so that the script does
-not fail on its first GPU run for a reason a CPU can find.
+`--tiny` runs the same parts, with the same flags, on the tiny test model on the CPU (the compiled decode step as
+inductor's C++ kernels there): the test suite runs it, so that the script does not fail on its first GPU run for a
+reason a CPU can find.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ GPU_PARTS = [
 ]
 TINY_PARTS = [
     ("rollout_tiny", "rollout.py", ["--policy", "janus", "--tiny", "--batch", "4", "--group", "2", "--cfg", "5",
-                                    "--repeats", "1", "--device", "cpu"]),
+                                    "--repeats", "1", "--compile", "--device", "cpu"]),
     ("grpo_step_tiny", "grpo_step.py", ["--policy", "janus", "--tiny", "--group", "4", "--prompts", "1",
                                         "--micro-batch", "2", "--gradient-checkpointing", "--static-cache",
-                                        "--steps", "1", "--device", "cpu"]),
+                                        "--compile", "--steps", "1", "--device", "cpu"]),
 ]
 
 

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--static-cache", action="store_true", help="sample with the static-cache decode loop")
-    parser.add_argument("--compile", action="store_true", help="and a compiled decode step (CUDA only)")
+    parser.add_argument("--compile", action="store_true", help="and a compiled decode step (CUDA graphs on CUDA)")
     parser.add_argument("--rollout-chunks", type=int, default=1,
                         help="sample in this many parts, decoding and rewarding each while the next samples")
     parser.add_argument("--steps", type=int, default=2, help="measured steps (after one warm-up step)")

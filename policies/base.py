@@ -28,6 +28,8 @@ import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
 import logging
+import os
+import shutil
 from typing import Callable, Iterator, Literal
 
 import torch
@@ -393,6 +395,12 @@ AttentionInterface.register(FLOAT32_KV_ATTENTION, _sdpa_float32_kv)
 AttentionMaskInterface.register(FLOAT32_KV_ATTENTION, sdpa_mask)
 
 
+def cpp_compiler_found() -> bool:
+    """Whether inductor can build CPU kernels here: a C++ compiler on PATH (`$CXX`, else g++ / clang++ / c++)."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
+    return any(shutil.which(name) for name in names)
+
+
 @contextlib.contextmanager
 def float32_kv_attention(config) -> Iterator[None]:
     """The model whose attention layers read `config` attends with `_sdpa_float32_kv` inside the block (it was
@@ -594,7 +602,7 @@ class Policy(ABC):
     #: Scoring applies the image head to this many positions at a time, under activation checkpointing when
     #: gradients are on (only hidden states are kept for backward); None: all positions at once.
     score_chunk_size: int | None = None
-    #: Decode on a preallocated StaticCache, and (CUDA only) through a CUDA-graph compiled step (`set_decoding`).
+    #: Decode on a preallocated StaticCache, and through a compiled step (`_step_function`: CUDA graphs on CUDA).
     static_cache: bool = False
     compile_decode: bool = False
     #: A bf16/fp16 model on CPU decodes over a float32 KV cache (faster there, `_sdpa_float32_kv`), except bf16 on a
@@ -851,18 +859,26 @@ class Policy(ABC):
         return caches[key]
 
     def _step_function(self, last_hidden: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        """The static path's decode step: `last_hidden` itself, or with `compile_decode` compiled once per policy.
+        CUDA: mode "reduce-overhead" (CUDA graphs; the shapes are fixed by the static cache and the full-length
+        mask). CPU: inductor's default mode (C++ kernels; it needs a C++ compiler, else the step stays eager, with a
+        warning). It rarely pays on CPU (see docs/performance.md); it is there so that the compiled step, graph
+        breaks and recompilations included, is tested without a GPU."""
         if not self.compile_decode:
             return last_hidden
-        if self.device.type != "cuda":
+        mode = {"cuda": "reduce-overhead", "cpu": "default"}.get(self.device.type)
+        if mode == "default" and not cpp_compiler_found():
+            mode = None
+        if mode is None:
             if not getattr(self, "_warned_compile", False):
-                log.warning("%s: compile_decode needs CUDA; decoding eagerly on %s (static cache kept)", self.name,
-                            self.device)
+                log.warning("%s: compile_decode needs CUDA, or a C++ compiler on CPU; decoding eagerly on %s "
+                            "(static cache kept)", self.name, self.device)
                 self._warned_compile = True
             return last_hidden
-        if getattr(self, "_compiled_step", None) is None:
-            # reduce-overhead = CUDA graphs: shapes are fixed by the static cache and the full-length mask.
-            self._compiled_step = torch.compile(last_hidden, mode="reduce-overhead", fullgraph=False)
-        return self._compiled_step
+        compiled = getattr(self, "_compiled_step", None)
+        if compiled is None or compiled[0] != mode:  # one per mode: a policy moved to CUDA gets its CUDA graphs
+            self._compiled_step = compiled = (mode, torch.compile(last_hidden, mode=mode, fullgraph=False))
+        return compiled[1]
 
     def set_decoding(self, static_cache: bool = False, compile_decode: bool = False, layer_loop: bool | None = None,
                      half_kv_on_cpu: bool | None = None) -> None:

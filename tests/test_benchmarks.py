@@ -25,7 +25,7 @@ def janus():
 
 @pytest.mark.parametrize("cfg_scale,top_k,top_p", [(5.0, 0, 1.0), (1.0, 0, 1.0), (3.0, 20, 0.9)])
 def test_static_cache_samples_exactly_what_the_dynamic_cache_samples(janus, cfg_scale, top_k, top_p):
-    """Same generator, left-padded prompts, groups of 3: identical tokens and log-probs (no torch.compile on CPU).
+    """Same generator, left-padded prompts, groups of 3: identical tokens and log-probs.
     The first and last cases have the same shapes, so the last one also runs on the reused cache."""
     knobs = dict(cfg_scale=cfg_scale, top_k=top_k, top_p=top_p)
     dynamic = janus.sample(PROMPTS, 3, generator=torch.Generator().manual_seed(7), **knobs)
@@ -41,13 +41,17 @@ def test_static_cache_samples_exactly_what_the_dynamic_cache_samples(janus, cfg_
     assert not torch.equal(static.completion_ids[0], static.completion_ids[1])
 
 
-def test_compile_option_falls_back_to_eager_on_cpu(janus, caplog):
+def test_compile_option_decodes_eagerly_without_a_cpp_compiler(janus, caplog, monkeypatch):
+    """On CPU `compile_decode` needs inductor's C++ compiler; without one the static step runs eagerly, with a
+    warning, and samples what it would have."""
+    monkeypatch.setattr("policies.base.cpp_compiler_found", lambda: False)
     policy = policies.build("janus", tiny=True, compile_decode=True)
     assert policy.static_cache and policy.compile_decode
     rollout = policy.sample(PROMPTS[:1], 2, cfg_scale=5.0, generator=torch.Generator().manual_seed(0))
     reference = janus.sample(PROMPTS[:1], 2, cfg_scale=5.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(rollout.completion_ids, reference.completion_ids)
-    assert "compile_decode needs CUDA" in caplog.text
+    assert "compile_decode needs CUDA, or a C++ compiler on CPU" in caplog.text
+    assert getattr(policy, "_compiled_step", None) is None
 
 
 def test_generate_baseline_uses_the_same_distribution(janus):

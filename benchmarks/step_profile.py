@@ -3,8 +3,9 @@
 
     python benchmarks/step_profile.py --size mid --batch 8 --group 4     # Janus, hidden 1024, 8 layers, 576 tokens
 
-A forward hook on the language model stamps every forward; a step's time is the gap between consecutive stamps
-(for `policy.sample` the conditional and unconditional rows are one forward, as in `generate`). Printed: per method
+A forward hook on the language model's first decoder layer stamps every forward (the engine's decode steps call
+the layers, not the stack's forward); a step's time is the gap between consecutive stamps (for `policy.sample` the
+conditional and unconditional rows are one forward, as in `generate`). Printed: per method
 the median ms/step in a window of 8 steps around each point, the end/start ratio (the target is within 1.5x at the
 mid shape on CPU: attention over ~600 positions is small next to the MLPs at hidden 1024), and the whole run; last
 line `end_over_start=X.XX` of the default `policy.sample`.
@@ -60,13 +61,18 @@ def main(argv: list[str] | None = None) -> None:
     policy = build_janus_size(args.size, args.device, getattr(torch, args.dtype))
     prompts = (PROMPTS * args.batch)[: args.batch // args.group]
     settings = SamplingSettings(cfg_scale=args.cfg)
-    language_model = policy.model.model.language_model
+    first_layer = policy.decoder_layers()[0]
     steps = policy.num_image_tokens
 
     def sample(static: bool):
-        policy.set_decoding(static_cache=static)
-        return lambda: policy.sample(prompts, args.group, cfg_scale=args.cfg, temperature=1.0, top_k=0, top_p=1.0,
+        def run():  # the decoding mode is set when the method runs, not when the table of methods is built
+            policy.set_decoding(static_cache=static)
+            try:
+                return policy.sample(prompts, args.group, cfg_scale=args.cfg, temperature=1.0, top_k=0, top_p=1.0,
                                      generator=torch.Generator(args.device).manual_seed(0))
+            finally:
+                policy.set_decoding(static_cache=False)
+        return run
 
     methods = {"policy.sample": sample(False), "policy.sample static": sample(True),
                "generate": lambda: janus_generate(policy, prompts, args.group, settings, 0)}
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'method':22s}" + "".join(f"{k:>10s}" for k in points) + f"{'end/start':>11s}{'total s':>9s}")
     growth = {}
     for name, run in methods.items():
-        times, total = step_times(run, language_model)
+        times, total = step_times(run, first_layer)
         ms = [window_ms(times, at) for at in points.values()]
         growth[name] = ms[-1] / ms[0]
         print(f"{name:22s}" + "".join(f"{m:10.1f}" for m in ms) + f"{growth[name]:11.2f}{total:9.1f}")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 
 import policies
-from policies.base import (Stream, cpp_compiler_found, position_ids_from_mask, process_logits, run_decoder,
+from policies.base import (Stream, decode_compile_mode, position_ids_from_mask, process_logits, run_decoder,
                            sample_from_logits)
 from transformers import DynamicCache
 from benchmarks.common import (
@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--compile", action="store_true",
-                        help="also compile the static-cache decode step (CUDA graphs on CUDA; inductor's C++ kernels on "
-                             "CPU, where a C++ compiler is found)")
+                        help="also compile the static-cache decode step (CUDA graphs on CUDA; inductor's C++ kernels "
+                             "on CPU, where a C++ compiler is found)")
     parser.add_argument("--ablations", action="store_true", help="also measure the optimisations one by one")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
         "generate": lambda: family.generate(policy, prompts, args.group, settings, args.seed),
         "sample": plain_sample,
     }
-    compiled = args.compile and (device.type == "cuda" or cpp_compiler_found())
+    compiled = args.compile and decode_compile_mode(device) is not None
 
     def fast_sample() -> Rollout:  # the engine's static-cache (and, with --compile, compiled) decode loop
         policy.set_decoding(static_cache=True, compile_decode=compiled)

@@ -395,10 +395,19 @@ AttentionInterface.register(FLOAT32_KV_ATTENTION, _sdpa_float32_kv)
 AttentionMaskInterface.register(FLOAT32_KV_ATTENTION, sdpa_mask)
 
 
+@functools.cache  # PATH is searched once, not at every rollout's decoder start
 def cpp_compiler_found() -> bool:
     """Whether inductor can build CPU kernels here: a C++ compiler on PATH (`$CXX`, else g++ / clang++ / c++)."""
     names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
     return any(shutil.which(name) for name in names)
+
+
+def decode_compile_mode(device: torch.device) -> str | None:
+    """The torch.compile mode of a compiled decode step on `device`: "reduce-overhead" (CUDA graphs) on CUDA,
+    inductor's "default" (C++ kernels) on CPU where a C++ compiler is found, else None (the step stays eager)."""
+    if device.type == "cuda":
+        return "reduce-overhead"
+    return "default" if device.type == "cpu" and cpp_compiler_found() else None
 
 
 @contextlib.contextmanager
@@ -862,17 +871,14 @@ class Policy(ABC):
         return caches[key]
 
     def _step_function(self, step: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        """The static path's decode step: `step` itself, or with `compile_decode` compiled once per policy.
-        CUDA: mode "reduce-overhead" (CUDA graphs; the shapes are fixed by the static cache and the full-length
-        mask). CPU: inductor's default mode (C++ kernels; it needs a C++ compiler, else the step stays eager, with a
-        warning). On CPU it pays only on small models (tiny Janus 16% faster, nothing at hidden 1024: see
-        docs/performance.md); it is there so that the compiled step, graph breaks and recompilations included, is
-        tested without a GPU."""
+        """The static path's decode step: `step` itself, or with `compile_decode` compiled once per policy in
+        `decode_compile_mode` (CUDA graphs on CUDA, the shapes fixed by the static cache and the full-length mask;
+        C++ kernels on CPU; eager, with a warning, where neither is possible). On CPU it pays only on small models
+        (tiny Janus 16% faster, nothing at hidden 1024: see docs/performance.md); it is there so that the compiled
+        step, graph breaks and recompilations included, is tested without a GPU."""
         if not self.compile_decode:
             return step
-        mode = {"cuda": "reduce-overhead", "cpu": "default"}.get(self.device.type)
-        if mode == "default" and not cpp_compiler_found():
-            mode = None
+        mode = decode_compile_mode(self.device)
         if mode is None:
             if not getattr(self, "_warned_compile", False):
                 log.warning("%s: compile_decode needs CUDA, or a C++ compiler on CPU; decoding eagerly on %s "

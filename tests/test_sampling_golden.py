@@ -56,7 +56,8 @@ def test_every_family_samples_the_same_through_the_compiled_step(tiny_policy):
     def draw(compiled: bool, seed: int):
         tiny_policy.set_decoding(static_cache=True, compile_decode=compiled)
         try:
-            return tiny_policy.sample(PROMPTS, 2, cfg_scale=3.0, top_k=16, generator=torch.Generator().manual_seed(seed))
+            return tiny_policy.sample(PROMPTS, 2, cfg_scale=3.0, top_k=16,
+                                      generator=torch.Generator().manual_seed(seed))
         finally:
             tiny_policy.set_decoding(static_cache=False)
 

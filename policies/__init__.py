@@ -55,8 +55,9 @@ def build(name: str, *, model_name_or_path: str | None = None, tiny: bool = Fals
     """Build a registered policy: `build("janus", tiny=True)` (the same architecture, random weights, offline) or
     `build("janus", model_name_or_path=ID_OR_DIR)` (real weights), frozen, on `device`.
 
-    `static_cache=True` chooses the decode loop's static-cache path and `compile_decode=True` also compiles its step
-    (CUDA graphs on CUDA), `layer_loop=False` runs decode steps through the stack's forward, `half_kv_on_cpu=True`
+    `static_cache=True` chooses the decode loop's static-cache path and `compile_decode=True` compiles its step
+    (CUDA graphs on CUDA; `compile_decode` alone implies the static cache, `static_cache=False` with it compiles the
+    default path's step), `layer_loop=False` runs decode steps through the stack's forward, `half_kv_on_cpu=True`
     keeps a bf16/fp16 model's KV cache in its dtype on CPU (the engine's options, policies/base.py, the same for any
     family); every other option is the family's (its `build` signature)."""
     cls = policy_class(name)

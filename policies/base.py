@@ -402,11 +402,13 @@ def cpp_compiler_found() -> bool:
     return any(shutil.which(name) for name in names)
 
 
-def decode_compile_mode(device: torch.device) -> str | None:
-    """The torch.compile mode of a compiled decode step on `device`: "reduce-overhead" (CUDA graphs) on CUDA,
-    inductor's "default" (C++ kernels) on CPU where a C++ compiler is found, else None (the step stays eager)."""
+def decode_compile_mode(device: torch.device, static: bool = True) -> str | None:
+    """The torch.compile mode of a compiled decode step on `device`: on CUDA "reduce-overhead" (CUDA graphs) for the
+    static-cache step, whose shapes are fixed, and inductor's "default" for the default path's step, whose cache
+    length grows every step (a graph per length would be recorded); on CPU "default" (C++ kernels) where a C++
+    compiler is found; else None (the step stays eager)."""
     if device.type == "cuda":
-        return "reduce-overhead"
+        return "reduce-overhead" if static else "default"
     return "default" if device.type == "cpu" and cpp_compiler_found() else None
 
 
@@ -613,7 +615,8 @@ class Policy(ABC):
     #: Scoring applies the image head to this many positions at a time, under activation checkpointing when
     #: gradients are on (only hidden states are kept for backward); None: all positions at once.
     score_chunk_size: int | None = None
-    #: Decode on a preallocated StaticCache, and through a compiled step (`_step_function`: CUDA graphs on CUDA).
+    #: Decode on a preallocated StaticCache; compile the decode step of the path chosen (`_step_function`: CUDA
+    #: graphs for the static path on CUDA).
     static_cache: bool = False
     compile_decode: bool = False
     #: A bf16/fp16 model on CPU decodes over a float32 KV cache (faster there, `_sdpa_float32_kv`), except bf16 on a
@@ -835,12 +838,12 @@ class Policy(ABC):
         step = (layer_loop(stack, self.stack_takes_embeds) if stack is not None else None) or last_hidden
         if not self.static_cache:
             return CachedDecoder(last_hidden, inputs, stream.mask, stream.repeats, prefill,
-                                 max_new_tokens=max_new_tokens, step_forward=step,
+                                 max_new_tokens=max_new_tokens, step_forward=self._step_function(step, static=False),
                                  float32_kv_config=self.float32_kv_config())
         length = stream.ids.shape[1] + max_new_tokens
         return CachedDecoder(last_hidden, inputs, stream.mask, stream.repeats, prefill,
                              static=self._reusable_static_cache(index, stream.rows, length),
-                             max_new_tokens=max_new_tokens, step_forward=self._step_function(step))
+                             max_new_tokens=max_new_tokens, step_forward=self._step_function(step, static=True))
 
     def float32_kv_config(self):
         """The attention layers' shared config when the decode loop keeps its KV cache in float32 (a bf16/fp16 model
@@ -870,33 +873,39 @@ class Policy(ABC):
             caches[key].reset()  # zeros the tensors in place and rewinds the length
         return caches[key]
 
-    def _step_function(self, step: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        """The static path's decode step: `step` itself, or with `compile_decode` compiled once per policy in
-        `decode_compile_mode` (CUDA graphs on CUDA, the shapes fixed by the static cache and the full-length mask;
-        C++ kernels on CPU; eager, with a warning, where neither is possible). On CPU it pays only on small models
-        (tiny Janus 16% faster, nothing at hidden 1024: see docs/performance.md); it is there so that the compiled
-        step, graph breaks and recompilations included, is tested without a GPU."""
+    def _step_function(self, step: Callable[..., Tensor], static: bool) -> Callable[..., Tensor]:
+        """The decode step: `step` itself, or with `compile_decode` compiled once per policy and path in
+        `decode_compile_mode`, eager with a warning where that is None.
+
+        The static path's step has fixed shapes (the static cache, the full-length mask): on CUDA it replays as CUDA
+        graphs. The default path's step is compiled with dynamic sizes (`dynamic=True`: the cache length grows every
+        step), and keeps attending over the positions written so far; on CPU that is the faster compiled step at
+        hidden 1024, the static one on tiny models (docs/performance.md, "The compiled default step")."""
         if not self.compile_decode:
             return step
-        mode = decode_compile_mode(self.device)
+        mode = decode_compile_mode(self.device, static)
         if mode is None:
             if not getattr(self, "_warned_compile", False):
-                log.warning("%s: compile_decode needs CUDA, or a C++ compiler on CPU; decoding eagerly on %s "
-                            "(static cache kept)", self.name, self.device)
+                log.warning("%s: compile_decode needs CUDA, or a C++ compiler on CPU; decoding eagerly on %s",
+                            self.name, self.device)
                 self._warned_compile = True
             return step
-        # one per mode and kind of step: a policy moved to CUDA gets its CUDA graphs, `layer_loop` off its forward
-        key = (mode, self.layer_loop)
-        compiled = getattr(self, "_compiled_step", None)
-        if compiled is None or compiled[0] != key:
-            self._compiled_step = compiled = (key, torch.compile(step, mode=mode, fullgraph=False))
-        return compiled[1]
+        # one per mode, path and kind of step: a policy moved to CUDA gets its CUDA graphs, `layer_loop` off its
+        # forward; switching between the paths does not recompile either
+        key = (mode, static, self.layer_loop)
+        compiled = self.__dict__.setdefault("_compiled_steps", {})
+        if key not in compiled:
+            compiled[key] = torch.compile(step, mode=mode, fullgraph=False, dynamic=None if static else True)
+        return compiled[key]
 
-    def set_decoding(self, static_cache: bool = False, compile_decode: bool = False, layer_loop: bool | None = None,
-                     half_kv_on_cpu: bool | None = None) -> None:
-        """The decode loop's speed options for every family (see the class attributes of the same names): compile
-        implies the static cache; `layer_loop` and `half_kv_on_cpu` left at None keep their current values."""
-        self.static_cache, self.compile_decode = static_cache or compile_decode, compile_decode
+    def set_decoding(self, static_cache: bool | None = None, compile_decode: bool = False,
+                     layer_loop: bool | None = None, half_kv_on_cpu: bool | None = None) -> None:
+        """The decode loop's speed options for every family (see the class attributes of the same names).
+        `compile_decode` compiles the step of the chosen path; `static_cache` left at None follows it (compiling
+        chooses the static cache, the CUDA-graph path), and `static_cache=False, compile_decode=True` compiles the
+        default path's step. `layer_loop` and `half_kv_on_cpu` left at None keep their current values."""
+        self.static_cache = compile_decode if static_cache is None else static_cache
+        self.compile_decode = compile_decode
         if layer_loop is not None:
             self.layer_loop = layer_loop
         if half_kv_on_cpu is not None:

@@ -51,7 +51,10 @@ def test_compile_option_decodes_eagerly_without_a_cpp_compiler(janus, caplog, mo
     reference = janus.sample(PROMPTS[:1], 2, cfg_scale=5.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(rollout.completion_ids, reference.completion_ids)
     assert "compile_decode needs CUDA, or a C++ compiler on CPU" in caplog.text
-    assert getattr(policy, "_compiled_step", None) is None
+    assert not getattr(policy, "_compiled_steps", None)
+    # compiling chooses the static cache unless told otherwise: then it compiles the default path's step
+    dynamic = policies.build("janus", tiny=True, static_cache=False, compile_decode=True)
+    assert dynamic.compile_decode and not dynamic.static_cache
 
 
 def test_generate_baseline_uses_the_same_distribution(janus):

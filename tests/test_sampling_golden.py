@@ -46,15 +46,18 @@ def test_every_family_samples_the_same_on_the_static_cache(tiny_policy):
 
 
 @pytest.mark.skipif(not cpp_compiler_found(), reason="inductor needs a C++ compiler for CPU kernels")
-def test_every_family_samples_the_same_through_the_compiled_step(tiny_policy):
-    """`compile_decode` (the GPU path's torch.compile of the static-cache step; inductor's C++ kernels on CPU) draws
-    the static path's tokens, log-probs within 1e-4 (fused kernels reorder float32 sums), for every family; and a
-    second rollout of the same shapes reuses the compiled graph: a recompilation raises (`fail_on_recompile`), as a
-    graph break that re-traced every step would."""
+@pytest.mark.parametrize("static", [True, False], ids=["static_cache", "default_path"])
+def test_every_family_samples_the_same_through_the_compiled_step(tiny_policy, static):
+    """`compile_decode` (torch.compile of the decode step; inductor's C++ kernels on CPU) draws the eager path's
+    tokens, log-probs within 1e-4 (fused kernels reorder float32 sums), for every family, on the static cache (the
+    GPU path's fixed shapes) and on the default path (dynamic sizes: the cache grows every step); and a second
+    rollout of the same shapes reuses the compiled graph: a recompilation raises (`fail_on_recompile`), as a graph
+    break that re-traced every step would."""
     from conftest import PROMPTS
 
     def draw(compiled: bool, seed: int):
-        tiny_policy.set_decoding(static_cache=True, compile_decode=compiled)
+        tiny_policy.set_decoding(static_cache=static, compile_decode=compiled)
+        assert tiny_policy.static_cache == static
         try:
             return tiny_policy.sample(PROMPTS, 2, cfg_scale=3.0, top_k=16,
                                       generator=torch.Generator().manual_seed(seed))
@@ -64,6 +67,8 @@ def test_every_family_samples_the_same_through_the_compiled_step(tiny_policy):
     eager, compiled = draw(False, 5), draw(True, 5)
     assert torch.equal(eager.completion_ids, compiled.completion_ids)
     torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-4, rtol=0)
+    if tiny_policy.free_image_tokens:  # SEED-X forces its image tokens: it has no decode step to compile
+        assert ("default", static, True) in tiny_policy._compiled_steps  # this path's own compiled step
     with torch.compiler.set_stance("fail_on_recompile"):
         again = draw(True, 6)
     assert torch.equal(again.completion_ids, draw(False, 6).completion_ids)

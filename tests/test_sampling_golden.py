@@ -52,8 +52,15 @@ def test_every_family_samples_the_same_through_the_compiled_step(tiny_policy, st
     tokens, log-probs within 1e-4 (fused kernels reorder float32 sums), for every family, on the static cache (the
     GPU path's fixed shapes) and on the default path (dynamic sizes: the cache grows every step); and a second
     rollout of the same shapes reuses the compiled graph: a recompilation raises (`fail_on_recompile`), as a graph
-    break that re-traced every step would."""
+    break that re-traced every step would.
+
+    Every family's step is one code object (the layer loop's closure), so the cases of one test session would fill
+    dynamo's cache (`recompile_limit`, 8 entries) and the later ones would silently run eagerly: each case starts
+    from an empty cache and checks that its compiled draw really built a graph."""
     from conftest import PROMPTS
+    from torch._dynamo.utils import counters
+
+    torch.compiler.reset()
 
     def draw(compiled: bool, seed: int):
         tiny_policy.set_decoding(static_cache=static, compile_decode=compiled)
@@ -64,11 +71,14 @@ def test_every_family_samples_the_same_through_the_compiled_step(tiny_policy, st
         finally:
             tiny_policy.set_decoding(static_cache=False)
 
-    eager, compiled = draw(False, 5), draw(True, 5)
+    eager = draw(False, 5)
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = draw(True, 5)
+    if tiny_policy.free_image_tokens:  # SEED-X forces its image tokens: it has no decode step to compile
+        assert counters["stats"]["unique_graphs"] > graphs_before, "the compiled draw built no graph"
+        assert ("default", static, True) in tiny_policy._compiled_steps  # this path's own compiled step
     assert torch.equal(eager.completion_ids, compiled.completion_ids)
     torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-4, rtol=0)
-    if tiny_policy.free_image_tokens:  # SEED-X forces its image tokens: it has no decode step to compile
-        assert ("default", static, True) in tiny_policy._compiled_steps  # this path's own compiled step
     with torch.compiler.set_stance("fail_on_recompile"):
         again = draw(True, 6)
     assert torch.equal(again.completion_ids, draw(False, 6).completion_ids)

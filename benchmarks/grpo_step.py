@@ -8,8 +8,8 @@ decode and reward figures are the background thread's and overlap the sample fig
         --micro-batch 4 --gradient-checkpointing    # GPU: the "LoRA GRPO step with G=16 fits in 80 GB" check
 
 The split (sample, decode, reward, update) is the one `grpo_step` records in its metrics; the update is cut further
-into scoring forward (every `policy.token_logprobs` call, reference pass included), backward, and optimizer, by
-timing the first and the last around the trainer's calls. Peak memory is over the whole step. Last line:
+into scoring forward (every `policy.token_logprobs` call of the step, reference pass included, timed around each
+call: `ScoringTimer`), backward (the rest), and optimizer (the trainer's own figure). Peak memory is over the whole step. Last line:
 `step_seconds=X.XX`.
 """
 
@@ -35,21 +35,34 @@ from grpo_img.data import PromptRecord
 from grpo_img.trainer import RunState, build_optimizer, grpo_step, setup_policy
 
 
-def time_scoring_forward(policy, rollout, config, accelerator, device) -> float:
-    """Seconds of the step's scoring forwards, measured again in a separate pass over the same micro-batches (with
-    grad, as in the update; the reference pass without), so the trainer's step itself is timed untouched."""
-    micro = config.per_device_train_batch_size
-    sync(device)
-    start = time.perf_counter()
-    with accelerator.autocast():
-        for i in range(0, len(rollout), micro):
-            policy.token_logprobs(rollout.select(slice(i, i + micro)), config.cfg_mode, return_entropy=True)
-        if config.beta != 0.0:
-            with torch.no_grad(), policy.reference():
-                for i in range(0, len(rollout), micro):
-                    policy.token_logprobs(rollout.select(slice(i, i + micro)), config.cfg_mode)
-    sync(device)
-    return time.perf_counter() - start
+class ScoringTimer:
+    """Seconds spent in the step's own `policy.token_logprobs` calls (the scoring forwards, the reference pass
+    included), timed around each call on the policy instance, with a device sync on either side so that the
+    forward's kernels are counted in it and not in the backward that follows.
+
+    Timing a second, separate pass instead (as this script did) made the split depend on noise: at tiny sizes the
+    separate forward could take longer than the step's own, and backward, the rest, came out negative."""
+
+    def __init__(self, policy, device: torch.device) -> None:
+        self.policy, self.device, self.seconds = policy, device, 0.0
+
+    def __enter__(self) -> "ScoringTimer":
+        score = type(self.policy).token_logprobs.__get__(self.policy)
+
+        def timed(*args, **kwargs):
+            sync(self.device)
+            start = time.perf_counter()
+            try:
+                return score(*args, **kwargs)
+            finally:
+                sync(self.device)
+                self.seconds += time.perf_counter() - start
+
+        self.policy.token_logprobs = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.policy.token_logprobs  # back to the class's method
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -110,10 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
     splits = []
     with PeakMemory(device) as memory:
         for step in range(args.steps + 1):
-            metrics, rollout, *_ = grpo_step(step, policy, reward_fn, batch, optimizer, scheduler, config,
-                                             accelerator, state)
+            with ScoringTimer(policy, device) as scoring:
+                metrics, *_ = grpo_step(step, policy, reward_fn, batch, optimizer, scheduler, config, accelerator,
+                                        state)
             if step > 0:  # the first step warms up allocators (and compiles, with --compile)
-                forward = time_scoring_forward(policy, rollout, config, accelerator, device)
+                forward = scoring.seconds
                 splits.append(dict(
                     sample=metrics["sample_seconds"], decode=metrics["decode_seconds"],
                     reward=metrics["reward_seconds"], scoring_forward=forward,

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, fields, replace
 import logging
 import os
 import shutil
+import types
 from typing import Callable, Iterator, Literal
 
 import torch
@@ -895,7 +896,13 @@ class Policy(ABC):
         key = (mode, static, self.layer_loop)
         compiled = self.__dict__.setdefault("_compiled_steps", {})
         if key not in compiled:
-            compiled[key] = torch.compile(step, mode=mode, fullgraph=False, dynamic=None if static else True)
+            # compile a copy of `step` with a code object of its own: dynamo keeps at most `recompile_limit` (8)
+            # compiled entries per code object, and every policy's step is the same function (the layer loop's
+            # closure), so the policies and paths compiled in one process would share those entries and, once they
+            # are full, silently decode eagerly
+            own = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__,
+                                     step.__closure__)
+            compiled[key] = torch.compile(own, mode=mode, fullgraph=False, dynamic=None if static else True)
         return compiled[key]
 
     def set_decoding(self, static_cache: bool | None = None, compile_decode: bool = False,

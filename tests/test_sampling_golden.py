@@ -54,13 +54,12 @@ def test_every_family_samples_the_same_through_the_compiled_step(tiny_policy, st
     rollout of the same shapes reuses the compiled graph: a recompilation raises (`fail_on_recompile`), as a graph
     break that re-traced every step would.
 
-    Every family's step is one code object (the layer loop's closure), so the cases of one test session would fill
-    dynamo's cache (`recompile_limit`, 8 entries) and the later ones would silently run eagerly: each case starts
-    from an empty cache and checks that its compiled draw really built a graph."""
+    Each case checks that its compiled draw really built a graph. Every family's step is the same function (the
+    layer loop's closure), and dynamo keeps at most 8 entries per code object (`recompile_limit`): while the engine
+    compiled that function itself, this session's earlier cases filled them and the later ones (Janus) silently ran
+    eagerly. The engine now compiles a copy with a code object of its own per policy and path."""
     from conftest import PROMPTS
     from torch._dynamo.utils import counters
-
-    torch.compiler.reset()
 
     def draw(compiled: bool, seed: int):
         tiny_policy.set_decoding(static_cache=static, compile_decode=compiled)

@@ -881,7 +881,8 @@ class Policy(ABC):
         The static path's step has fixed shapes (the static cache, the full-length mask): on CUDA it replays as CUDA
         graphs. The default path's step is compiled with dynamic sizes (`dynamic=True`: the cache length grows every
         step), and keeps attending over the positions written so far; on CPU that is the faster compiled step at
-        hidden 1024, the static one on tiny models (docs/performance.md, "The compiled default step")."""
+        hidden 1024, the static one on tiny models (docs/performance.md, "A fourth CPU ... and the compiled default
+        step")."""
         if not self.compile_decode:
             return step
         mode = decode_compile_mode(self.device, static)

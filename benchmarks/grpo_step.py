@@ -9,8 +9,8 @@ decode and reward figures are the background thread's and overlap the sample fig
 
 The split (sample, decode, reward, update) is the one `grpo_step` records in its metrics; the update is cut further
 into scoring forward (every `policy.token_logprobs` call of the step, reference pass included, timed around each
-call: `ScoringTimer`), backward (the rest), and optimizer (the trainer's own figure). Peak memory is over the whole step. Last line:
-`step_seconds=X.XX`.
+call: `ScoringTimer`), backward (the rest), and optimizer (the trainer's own figure). Peak memory is over the whole
+step. Last line: `step_seconds=X.XX`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class ScoringTimer:
         self.policy, self.device, self.seconds = policy, device, 0.0
 
     def __enter__(self) -> "ScoringTimer":
-        score = type(self.policy).token_logprobs.__get__(self.policy)
+        score = self.policy.token_logprobs  # the bound method, before the instance attribute hides it
 
         def timed(*args, **kwargs):
             sync(self.device)

@@ -185,14 +185,17 @@ def build_emu3_size(size: str, device: str, dtype: torch.dtype):
     return Emu3Policy(model, processor, resolution=spec["resolution"])
 
 
+def free_memory(device: str | torch.device) -> tuple[int, str]:
+    """(bytes free on `device`, what the device is called in a message)."""
+    if torch.device(device).type == "cuda":
+        return (torch.cuda.mem_get_info(torch.device(device))[0],
+                f"GPU {torch.cuda.get_device_name(torch.device(device))}")
+    return _available_ram(), "this machine's RAM"
+
+
 def check_fits(weight_bytes: int, device: str, what: str, headroom: float = 1.3) -> None:
     """Exit with a clear message when the weights (times a working headroom) exceed the device's free memory."""
-    if torch.device(device).type == "cuda":
-        free = torch.cuda.mem_get_info(torch.device(device))[0]
-        where = f"GPU {torch.cuda.get_device_name(torch.device(device))}"
-    else:
-        free = _available_ram()
-        where = "this machine's RAM"
+    free, where = free_memory(device)
     if weight_bytes * headroom > free:
         raise SystemExit(f"refusing to build {what}: its weights take {weight_bytes / 2**30:.1f} GiB (plus working "
                          f"memory), {where} has {free / 2**30:.1f} GiB free. Use a smaller --size or a larger device.")
@@ -318,29 +321,37 @@ class StepStamps:
 
 def timed_interleaved(methods: dict[str, Callable[[], object]], device: torch.device, repeats: int,
                       warmup: int = 1, step_module: nn.Module | None = None, tokens: int = 0,
-                      unstamped: tuple[str, ...] = ()) -> dict[str, Timing]:
+                      unstamped: tuple[str, ...] = (), interleave: bool = True,
+                      release: Callable[[str], None] | None = None) -> dict[str, Timing]:
     """Median seconds of each method over `repeats` rounds, the methods taking turns within a round so that load
     changes hit them alike. The warm-up run also gives the peak memory and, with `step_module` and `tokens` (per
     image), ms per step at the start and end of the image (methods in `unstamped`, e.g. CUDA-graph replays that
-    a hook would break, are not stamped)."""
+    a hook would break, are not stamped).
+
+    With `interleave` False each method runs its warm-up and all its rounds before the next one starts, and then
+    `release(name)` frees what it keeps: on a GPU, where nothing else loads the device but memory is short, so that
+    one method's kept buffers (the static cache of CUDA graphs) never sit beside the next method's KV cache."""
     now = clock(device)
     peaks, results, steps = {}, {}, {}
     times, walls = {name: [] for name in methods}, {name: [] for name in methods}
-    for name, fn in methods.items():
-        stamped = step_module if name not in unstamped else None
-        with PeakMemory(device) as memory, StepStamps(stamped, device) as stamps:
-            for _ in range(warmup):
-                stamps.stamps.clear()
-                results[name] = fn()
-        peaks[name], steps[name] = memory.peak_bytes, stamps.step_ms(tokens) if stamped is not None else None
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            sync(device)
-            start, wall = now(), time.perf_counter()
-            results[name] = fn()
-            sync(device)
-            times[name].append(now() - start)
-            walls[name].append(time.perf_counter() - wall)
+    for turn in [list(methods)] if interleave else [[name] for name in methods]:
+        for name in turn:
+            stamped = step_module if name not in unstamped else None
+            with PeakMemory(device) as memory, StepStamps(stamped, device) as stamps:
+                for _ in range(warmup):
+                    stamps.stamps.clear()
+                    results[name] = methods[name]()
+            peaks[name], steps[name] = memory.peak_bytes, stamps.step_ms(tokens) if stamped is not None else None
+        for _ in range(repeats):
+            for name in turn:
+                sync(device)
+                start, wall = now(), time.perf_counter()
+                results[name] = methods[name]()
+                sync(device)
+                times[name].append(now() - start)
+                walls[name].append(time.perf_counter() - wall)
+        for name in turn if release is not None else ():
+            release(name)
 
     def median(values: list[float]) -> float:
         return sorted(values)[len(values) // 2]
@@ -352,7 +363,9 @@ def timed_interleaved(methods: dict[str, Callable[[], object]], device: torch.de
 def measure_bandwidth(device: torch.device, megabytes: int | None = None, repeats: int = 10) -> float:
     """Device memory bandwidth in bytes/s from a large device-to-device copy (counts the read and the write)."""
     megabytes = megabytes or (1024 if device.type == "cuda" else 128)
-    src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    # filled, not empty: on CPU the pages of an untouched tensor all map the kernel's one zero page, which sits in
+    # cache, so a copy from it read 1.4x faster than from real memory (13-15 against 9-11 GB/s, 2-core AMD EPYC)
+    src = torch.ones(megabytes * 2**20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     sync(device)
@@ -361,6 +374,19 @@ def measure_bandwidth(device: torch.device, megabytes: int | None = None, repeat
         dst.copy_(src)
     sync(device)
     return 2 * src.numel() * repeats / (time.perf_counter() - start)
+
+
+def cudagraph_skips(compile_mode: str | None) -> str:
+    """How many compiled graphs inductor has run without their CUDA graph in this process; "n/a" where the decode
+    step's `compile_mode` (`decode_compile_mode`) captures none (on CPU, or not "reduce-overhead"). A skip is no
+    error, only a warning on stderr with its reason (an input the graph mutates at an address that is not static,
+    a CPU tensor among its inputs, ...); the step then launches its kernels one by one, slower and otherwise silent.
+    """
+    if compile_mode != "reduce-overhead":
+        return "n/a"
+    from torch._dynamo.utils import counters
+
+    return str(counters["inductor"]["cudagraph_skips"])
 
 
 def machine_name(device: torch.device) -> str:

@@ -28,11 +28,12 @@ from accelerate import Accelerator
 
 import policies
 import rewards
-from benchmarks.common import PeakMemory, machine_name, sync
+from benchmarks.common import PeakMemory, cudagraph_skips, machine_name, sync
 from benchmarks.rollout import FAMILIES, PROMPTS
 from grpo_img.config import load_config
 from grpo_img.data import PromptRecord
 from grpo_img.trainer import RunState, build_optimizer, grpo_step, setup_policy
+from policies.base import decode_compile_mode
 
 
 class ScoringTimer:
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("sample", "decode", "reward", "scoring_forward", "backward", "optimizer"):
         print(f"{key:<18}{mean[key]:>10.3f}{mean[key] / mean['step']:>8.1%}")
     print(f"peak_memory_mib={memory.peak_bytes / 2**20:.0f}")
+    compile_mode = decode_compile_mode(device, args.static_cache) if args.compile else None
+    print(f"cudagraph_skips={cudagraph_skips(compile_mode)}")
     print(f"step_seconds={mean['step']:.2f}")
     return {"split": mean, "peak_bytes": memory.peak_bytes}
 

@@ -2,11 +2,14 @@
 
     python benchmarks/rollout.py --policy janus --tiny --batch 8 --group 4 --cfg 5
     python benchmarks/rollout.py --policy janus --size cpu-bench --batch 8 --group 4 --cfg 5
-    python benchmarks/rollout.py --policy janus --size Janus-Pro-7B --batch 32 --group 16 --cfg 5 --compile  # GPU
+    python benchmarks/rollout.py --policy janus --size Janus-Pro-7B --batch 128 --group 8 --cfg 5 --compile --fit-memory
 
 Prints images/s, tokens/s and peak memory per method, the fraction of the memory-bandwidth roofline (bytes of weights
 plus KV cache read per decode step, over the mean step time, over the bandwidth of a large device-to-device copy),
-and last `speedup_vs_generate=X.XX` (the fastest `policy.sample` variant over `generate`).
+and last `speedup_vs_generate=X.XX` (the fastest `policy.sample` variant over `generate`). On a GPU the methods run
+one after the other, each releasing its memory before the next; `--fit-memory` measures the largest batch (halving
+the prompts) whose KV cache fits in the GPU's free memory, and the last lines say which (`images=`) and how many
+compiled graphs ran without their CUDA graph (`cudagraph_skips=`).
 
 `--ablations` adds what each optimisation buys: the prompt prefilled once per sample instead of once per prompt
 (its KV cache shared by the group), and conditional/unconditional rows in two passes instead of one batch.
@@ -39,6 +42,8 @@ from benchmarks.common import (
     build_chameleon_size,
     build_emu3_size,
     build_janus_size,
+    cudagraph_skips,
+    free_memory,
     machine_name,
     measure_bandwidth,
     param_bytes,
@@ -246,6 +251,44 @@ FAMILIES: dict[str, Family] = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def kv_cache_bytes(policy: Policy, family: Family, rows: int, length: int) -> float:
+    """Bytes of the KV cache of `rows` sequences of `length` positions (the cache part of the family's step bytes)."""
+    return family.step_bytes(policy, rows, length) - family.step_bytes(policy, rows, 0)
+
+
+def batch_that_fits(policy: Policy, family: Family, batch: int, group: int, cfg: bool, device: torch.device,
+                    headroom: float = 1.2) -> int:
+    """The largest batch of `batch // group`, then half as many, ... prompts (x `group` images each) whose KV cache
+    at the full image length, times `headroom` (activations, logits, the allocator's slack), fits in what `device`
+    has free with the model built. One cache is enough: the methods run one at a time (`timed_interleaved`, on a
+    GPU in turn)."""
+    free, where = free_memory(device)
+    prompt_count = batch // group
+    while prompt_count >= 1:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(prompt_count)]
+        length = policy.encode_prompts(prompts)[0].shape[1] + policy.num_completion_tokens
+        images = prompt_count * group
+        need = headroom * kv_cache_bytes(policy, family, images * (2 if cfg else 1), length)
+        if need <= free:
+            if images != batch:
+                print(f"--fit-memory: {batch} images do not fit in {where} ({free / 2**30:.1f} GiB free); "
+                      f"measuring {images} ({need / 2**30:.1f} GiB of KV cache with headroom)")
+            return images
+        prompt_count //= 2
+    raise SystemExit(f"--fit-memory: not even one prompt x --group {group} fits in {where} "
+                     f"({free / 2**30:.1f} GiB free); use a smaller --group or --size")
+
+
+def release_memory(policy: Policy, device: torch.device) -> Callable[[str], None]:
+    """What `timed_interleaved` calls after a method's last run: the policy's kept static caches go, and the GPU's
+    cached blocks are returned, so that the next method starts with the memory the first one had."""
+    def release(name: str) -> None:
+        policy.release_static_caches()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return release
+
+
 def build_policy(args, device: torch.device, dtype: torch.dtype) -> Policy:
     family = FAMILIES[args.policy]
     if args.size is None:
@@ -273,6 +316,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true",
                         help="also compile the static-cache decode step (CUDA graphs on CUDA; inductor's C++ kernels "
                              "on CPU, where a C++ compiler is found), and on CPU the default path's step")
+    parser.add_argument("--fit-memory", action="store_true",
+                        help="halve --batch (a multiple of --group) until the weights and one rollout's KV cache fit "
+                             "in the device's free memory; the batch used is printed as images=N")
     parser.add_argument("--ablations", action="store_true", help="also measure the optimisations one by one")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -287,8 +333,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     policy = build_policy(args, device, dtype)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch // args.group)]
     settings = SamplingSettings(args.cfg, args.temperature, args.top_k, args.top_p)
+    if args.fit_memory:
+        args.batch = batch_that_fits(policy, family, args.batch, args.group, settings.uses_cfg, device)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch // args.group)]
     knobs = dict(cfg_scale=settings.cfg_scale, temperature=settings.temperature, top_k=settings.top_k,
                  top_p=settings.top_p)
     tokens_per_image = policy.num_completion_tokens
@@ -339,14 +387,19 @@ def main(argv: list[str] | None = None) -> dict:
           f"params={sum(p.numel() for p in policy.model.parameters()) / 1e6:.1f}M")
     print(f"decode step reads {step_bytes / 2**20:.1f} MiB (weights + mean KV cache); "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print(f"timing: median of {args.repeats} interleaved runs after a warm-up, "
+    on_gpu = device.type == "cuda"
+    print(f"timing: median of {args.repeats} {'consecutive' if on_gpu else 'interleaved'} runs after a warm-up, "
           f"{'wall' if clock(device) is time.perf_counter else 'process CPU'} seconds; peak memory of the warm-up")
     print(f"{'method':<28}{'seconds':>10}{'images/s':>10}{'tokens/s':>12}{'ms/step start':>15}{'end':>8}"
           f"{'peak MiB':>10}{'roofline':>10}")
     results = {}
     layers = policy.decoder_layers()
+    # On a GPU each method runs all its rounds in turn and then lets its memory go: the static cache the policy keeps
+    # for its CUDA graphs (70 GiB at Janus-Pro-7B, 16 x G 8 with CFG) must not sit beside `generate`'s own cache.
+    # The static method comes after `generate` and the default path, so its kept cache meets none of theirs.
     timings = timed_interleaved(methods, device, args.repeats, step_module=layers[0] if layers else None,
-                                tokens=tokens_per_image, unstamped=tuple(n for n in methods if "compiled" in n))
+                                tokens=tokens_per_image, unstamped=tuple(n for n in methods if "compiled" in n),
+                                interleave=not on_gpu, release=release_memory(policy, device) if on_gpu else None)
     for name, (seconds, out, peak, step_ms, wall) in timings.items():
         tokens = out.completion_ids if isinstance(out, Rollout) else out
         if tuple(tokens.shape) != (args.batch, tokens_per_image):
@@ -370,6 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wall seconds: {walls}; wall speedup_vs_generate "
               f"{results['generate']['wall_seconds'] / results[best]['wall_seconds']:.2f}")
     print(f"fastest policy.sample: {best}")
+    print(f"images={args.batch}")
+    print(f"cudagraph_skips={cudagraph_skips(decode_compile_mode(device) if compiled else None)}")
     print(f"speedup_vs_generate={speedup:.2f}")
     return {"results": results, "best": best, "speedup_vs_generate": speedup}
 

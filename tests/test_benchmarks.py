@@ -164,6 +164,78 @@ def test_static_cache_with_think_then_draw_contexts():
     torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=1e-5, rtol=0)
 
 
+def test_kv_cache_estimate_is_the_static_cache_the_engine_keeps_and_fit_memory_halves_to_it(janus, monkeypatch):
+    """`--fit-memory` sizes the batch by `kv_cache_bytes`: it must be the cache the engine really allocates (here the
+    static caches the policy keeps between rollouts, which `release_static_caches` drops), and the batch must halve
+    until that cache fits, or the run stop with a clear message."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import rollout
+    finally:
+        sys.path.remove(str(ROOT))
+    family = rollout.FAMILIES["janus"]
+    prompts = [rollout.PROMPTS[i % len(rollout.PROMPTS)] for i in range(4)]
+    janus.release_static_caches()  # the module's earlier tests left theirs
+    janus.static_cache = True
+    try:
+        janus.sample(prompts, 2, cfg_scale=5.0, generator=torch.Generator().manual_seed(0))
+    finally:
+        janus.static_cache = False
+    kept = [t for cache in janus._static_caches.values() for layer in cache.layers for t in (layer.keys, layer.values)]
+    length = janus.encode_prompts(prompts)[0].shape[1] + janus.num_completion_tokens - 1  # the last token is not fed
+    assert sum(t.numel() * t.element_size() for t in kept) == rollout.kv_cache_bytes(janus, family, 16, length)
+    janus.release_static_caches()
+    assert not getattr(janus, "_static_caches", None)
+
+    def need(batch: int) -> float:  # what batch_that_fits asks for `batch` images with CFG, headroom included
+        width = janus.encode_prompts(prompts[: batch // 2])[0].shape[1]
+        return 1.2 * rollout.kv_cache_bytes(janus, family, 2 * batch, width + janus.num_completion_tokens)
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(rollout, "free_memory", lambda device: (need(8) + 1, "a small device"))
+    assert rollout.batch_that_fits(janus, family, 8, 2, True, cpu) == 8
+    monkeypatch.setattr(rollout, "free_memory", lambda device: (need(4) + 1, "a small device"))
+    assert rollout.batch_that_fits(janus, family, 8, 2, True, cpu) == 4
+    monkeypatch.setattr(rollout, "free_memory", lambda device: (need(2) - 1, "a small device"))
+    with pytest.raises(SystemExit, match="not even one prompt x --group 2 fits in a small device"):
+        rollout.batch_that_fits(janus, family, 8, 2, True, cpu)
+
+
+def test_timed_in_turn_runs_each_method_to_its_end_and_then_releases_it():
+    """On a GPU the rollout benchmark times the methods one after the other (`interleave=False`), so that a method's
+    kept memory is released before the next one starts; on CPU they take turns within each round."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.common import timed_interleaved
+    finally:
+        sys.path.remove(str(ROOT))
+    calls = []
+    methods = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    timed_interleaved(methods, torch.device("cpu"), repeats=2, interleave=False,
+                      release=lambda name: calls.append(f"release {name}"))
+    assert calls == ["a", "a", "a", "release a", "b", "b", "b", "release b"]  # warm-up, two rounds, release
+    calls.clear()
+    timed_interleaved(methods, torch.device("cpu"), repeats=2)
+    assert calls == ["a", "b", "a", "b", "a", "b"]
+
+
+def test_cudagraph_skips_counts_what_inductor_reports_as_skipped():
+    """The suite's `cudagraph_skips` reads the counter inductor bumps when it runs a compiled graph without its CUDA
+    graph (a skip is otherwise only a warning): bumped here through inductor's own function, so a renamed counter in
+    another torch release fails here rather than reading 0 on the first GPU run."""
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.common import cudagraph_skips
+    finally:
+        sys.path.remove(str(ROOT))
+    before = int(cudagraph_skips("reduce-overhead"))
+    log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to a test")
+    assert int(cudagraph_skips("reduce-overhead")) == before + 1
+    assert cudagraph_skips("default") == cudagraph_skips(None) == "n/a"
+
+
 def test_gpu_suite_runs_end_to_end_at_tiny_size_on_cpu():
     """benchmarks/gpu_suite.py must not fail on its first GPU run for a reason a CPU can find: its parts, their
     arguments and the parsing of their figures run here on the tiny model."""
@@ -171,8 +243,10 @@ def test_gpu_suite_runs_end_to_end_at_tiny_size_on_cpu():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = done.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"gpu_suite rollout_tiny: speedup_vs_generate=\d+\.\d\d roofline=\d+%; "
-                        r"grpo_step_tiny: step_seconds=\d+\.\d\d peak_memory_mib=\d+", summary), summary
+    # no CUDA graph on CPU: the skip count is "n/a" there, a number on a GPU
+    assert re.fullmatch(r"gpu_suite rollout_tiny: images=4 speedup_vs_generate=\d+\.\d\d roofline=\d+% cudagraph_skips=n/a; "
+                        r"grpo_step_tiny: step_seconds=\d+\.\d\d peak_memory_mib=\d+ cudagraph_skips=n/a",
+                        summary), summary
 
 
 def test_reward_server_benchmark_runs_both_servers_and_prints_the_ratio():

@@ -251,6 +251,11 @@ FAMILIES: dict[str, Family] = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def rollout_prompts(count: int) -> list[str]:
+    """The benchmark's `count` prompts, PROMPTS in turn."""
+    return [PROMPTS[i % len(PROMPTS)] for i in range(count)]
+
+
 def kv_cache_bytes(policy: Policy, family: Family, rows: int, length: int) -> float:
     """Bytes of the KV cache of `rows` sequences of `length` positions (the cache part of the family's step bytes)."""
     return family.step_bytes(policy, rows, length) - family.step_bytes(policy, rows, 0)
@@ -265,8 +270,7 @@ def batch_that_fits(policy: Policy, family: Family, batch: int, group: int, cfg:
     free, where = free_memory(device)
     prompt_count = batch // group
     while prompt_count >= 1:
-        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(prompt_count)]
-        length = policy.encode_prompts(prompts)[0].shape[1] + policy.num_completion_tokens
+        length = policy.encode_prompts(rollout_prompts(prompt_count))[0].shape[1] + policy.num_completion_tokens
         images = prompt_count * group
         need = headroom * kv_cache_bytes(policy, family, images * (2 if cfg else 1), length)
         if need <= free:
@@ -277,16 +281,6 @@ def batch_that_fits(policy: Policy, family: Family, batch: int, group: int, cfg:
         prompt_count //= 2
     raise SystemExit(f"--fit-memory: not even one prompt x --group {group} fits in {where} "
                      f"({free / 2**30:.1f} GiB free); use a smaller --group or --size")
-
-
-def release_memory(policy: Policy, device: torch.device) -> Callable[[str], None]:
-    """What `timed_interleaved` calls after a method's last run: the policy's kept static caches go, and the GPU's
-    cached blocks are returned, so that the next method starts with the memory the first one had."""
-    def release(name: str) -> None:
-        policy.release_static_caches()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return release
 
 
 def build_policy(args, device: torch.device, dtype: torch.dtype) -> Policy:
@@ -336,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = SamplingSettings(args.cfg, args.temperature, args.top_k, args.top_p)
     if args.fit_memory:
         args.batch = batch_that_fits(policy, family, args.batch, args.group, settings.uses_cfg, device)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch // args.group)]
+    prompts = rollout_prompts(args.batch // args.group)
     knobs = dict(cfg_scale=settings.cfg_scale, temperature=settings.temperature, top_k=settings.top_k,
                  top_p=settings.top_p)
     tokens_per_image = policy.num_completion_tokens
@@ -397,9 +391,13 @@ def main(argv: list[str] | None = None) -> dict:
     # On a GPU each method runs all its rounds in turn and then lets its memory go: the static cache the policy keeps
     # for its CUDA graphs (70 GiB at Janus-Pro-7B, 16 x G 8 with CFG) must not sit beside `generate`'s own cache.
     # The static method comes after `generate` and the default path, so its kept cache meets none of theirs.
+    def release(name: str) -> None:  # after a method's last run on a GPU: what it keeps goes back
+        policy.release_static_caches()
+        torch.cuda.empty_cache()
+
     timings = timed_interleaved(methods, device, args.repeats, step_module=layers[0] if layers else None,
                                 tokens=tokens_per_image, unstamped=tuple(n for n in methods if "compiled" in n),
-                                interleave=not on_gpu, release=release_memory(policy, device) if on_gpu else None)
+                                interleave=not on_gpu, release=release if on_gpu else None)
     for name, (seconds, out, peak, step_ms, wall) in timings.items():
         tokens = out.completion_ids if isinstance(out, Rollout) else out
         if tuple(tokens.shape) != (args.batch, tokens_per_image):
